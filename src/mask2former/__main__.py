@@ -1,0 +1,5 @@
+import sys
+
+from mask2former.cli import main
+
+sys.exit(main())
