@@ -1,0 +1,123 @@
+"""The user-facing API: an image in, a typed segmentation result out.
+
+`Predictor` owns the pre-processing (official or deploy mode), a runner that maps a normalised padded
+batch to `pred_logits` / `pred_masks` (the eager PyTorch model, or an ONNX Runtime session), and the
+semantic / panoptic / instance post-processing in original-image coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mask2former.config import ModelConfig
+from mask2former.data.image_io import load_image
+from mask2former.data.preprocess import PreprocessedImage, pad_batch, preprocess
+from mask2former.postprocess import (
+    InstanceResult,
+    PanopticResult,
+    SemanticResult,
+    instance_inference,
+    panoptic_inference,
+    resize_mask_logits,
+    semantic_postprocess,
+)
+
+TASKS = ("semantic", "instance", "panoptic")
+Result = SemanticResult | PanopticResult | InstanceResult
+
+
+@dataclass
+class Prediction:
+    """One image's result with the RGB image it was computed on (for pictures and writers)."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB, EXIF-oriented
+    result: Result
+    task: str
+
+
+class TorchRunner:
+    """Runs the eager model: (B, 3, Hp, Wp) float -> {"pred_logits", "pred_masks"} without aux outputs."""
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.to(self.device, dtype=next(self.model.parameters()).dtype)
+        outputs = self.model(images, return_aux=False)
+        return {"pred_logits": outputs["pred_logits"].float().cpu(), "pred_masks": outputs["pred_masks"].float().cpu()}
+
+
+class Predictor:
+    """Segment images with a model and its config.
+
+    `runner(images (B, 3, Hp, Wp)) -> {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, Hp/4, Wp/4)}`.
+    `trained` is False for a randomly initialised model: callers say so to the user.
+    """
+
+    def __init__(self, runner: Callable[[torch.Tensor], dict[str, torch.Tensor]], config: ModelConfig,
+                 source: str = "", trained: bool = True):
+        self.runner = runner
+        self.config = config
+        self.source = source
+        self.trained = trained
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return getattr(self.runner, "model", None)
+
+    def preprocess(self, image: np.ndarray) -> PreprocessedImage:
+        """(H, W, 3) uint8 RGB -> normalised (1, 3, Hp, Wp) tensor with its sizes, by the config's mode."""
+        cfg = self.config.input
+        if cfg.mode == "deploy":
+            if cfg.size is None:
+                raise ValueError(f"model {self.config.name!r}: deploy pre-processing needs input.size")
+            return preprocess(image, mode="deploy", size=tuple(cfg.size))
+        return preprocess(
+            image, mode="official", short_edge=cfg.short_edge, max_size=cfg.max_size,
+            size_divisibility=cfg.size_divisibility,
+        )
+
+    def predict(self, image, task: str | None = None) -> Result:
+        """Segment one image (path, PIL image or (H, W, 3) uint8 array) -> a typed result."""
+        return self.predict_batch([image], task)[0].result
+
+    def predict_batch(self, images: Sequence, task: str | None = None) -> list[Prediction]:
+        """Segment several images in one padded batch; results equal those of one image at a time."""
+        task = task or self.config.task
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        arrays = [load_image(image) for image in images]
+        inputs = [self.preprocess(array) for array in arrays]
+        batch = pad_batch([item.tensor for item in inputs], self.config.input.size_divisibility)
+        outputs = self.runner(batch)
+        padded_size = tuple(batch.shape[-2:])
+        predictions = []
+        for index, (array, item) in enumerate(zip(arrays, inputs, strict=True)):
+            result = self._postprocess(
+                outputs["pred_logits"][index], outputs["pred_masks"][index], padded_size, item, task
+            )
+            predictions.append(Prediction(image=array, result=result, task=task))
+        return predictions
+
+    def _postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size: tuple[int, int],
+                     item: PreprocessedImage, task: str) -> Result:
+        """One image: class_logits (Q, K+1), mask_logits (Q, Hp/4, Wp/4) -> result at the original size."""
+        cfg = self.config
+        if task == "semantic":
+            return semantic_postprocess(
+                class_logits, mask_logits, padded_size, tuple(item.image_size), tuple(item.original_size)
+            )
+        masks = resize_mask_logits(mask_logits, padded_size, tuple(item.image_size), tuple(item.original_size))
+        if task == "panoptic":
+            return panoptic_inference(
+                class_logits, masks, cfg.thing_classes, object_mask_threshold=cfg.object_mask_threshold,
+                overlap_threshold=cfg.overlap_threshold,
+            )
+        thing_classes = cfg.thing_classes if cfg.task == "panoptic" else None
+        return instance_inference(class_logits, masks, thing_classes=thing_classes, top_k=cfg.test_topk)
