@@ -1,0 +1,130 @@
+"""`mask2former train`: train a preset or config on a dataset folder; one process or `torchrun -m mask2former train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mask2former.cli import UserError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model (single process or under torchrun)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="architecture preset (see `mask2former presets`)")
+    source.add_argument("--config", help="a model config JSON (a ModelConfig, or our checkpoint's config.json)")
+    parser.add_argument("--data", required=True, help="dataset folder (synth / COCO panoptic / COCO instance / "
+                                                      "images+labels semantic)")
+    parser.add_argument("--out", required=True, help="output folder: checkpoint.pt, metrics.jsonl, loss.png, model/")
+    parser.add_argument("--init", default=None, help="start from these weights (any supported checkpoint format)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--iters", type=int, default=None, help="total optimisation steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--schedule", choices=["poly", "step", "cosine"], default=None)
+    parser.add_argument("--warmup-iters", type=int, default=None)
+    parser.add_argument("--clip-grad-norm", type=float, default=None)
+    parser.add_argument("--augment", choices=["lsj", "multiscale", "none"], default=None)
+    parser.add_argument("--crop-size", type=int, default=None)
+    parser.add_argument("--min-scale", type=float, default=None)
+    parser.add_argument("--max-scale", type=float, default=None)
+    parser.add_argument("--num-points", type=int, default=None, help="points per mask for matching and loss")
+    parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)
+
+
+OVERRIDES = {
+    "iters": "max_iters", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+    "schedule": "schedule", "warmup_iters": "warmup_iters", "clip_grad_norm": "clip_grad_norm",
+    "augment": "augment", "crop_size": "crop_size", "min_scale": "min_scale", "max_scale": "max_scale",
+    "num_points": "num_points", "checkpoint_every": "checkpoint_every", "log_every": "log_every", "seed": "seed",
+    "workers": "num_workers", "device": "device",
+}
+
+
+def _model_config(args: argparse.Namespace):
+    from mask2former.config import ModelConfig, get_preset
+
+    if args.preset:
+        try:
+            return get_preset(args.preset)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    try:
+        document = json.loads(Path(args.config).read_text())
+        return ModelConfig.from_dict(document.get("model", document))
+    except FileNotFoundError:
+        raise UserError(f"--config {args.config}: no such file") from None
+    except (json.JSONDecodeError, ValueError, TypeError) as error:
+        raise UserError(f"--config {args.config}: not a model config ({error})") from None
+
+
+def _adopt_dataset_classes(config, meta) -> None:
+    """Train the architecture on the dataset's own classes when they differ from the preset's."""
+    names = list(meta.class_names)
+    if names == list(config.class_names):
+        return
+    config.class_names = names
+    config.thing_classes = list(meta.thing_classes)
+    config.category_ids = list(meta.category_ids)
+    config.colors = [tuple(c) for c in meta.colors] if getattr(meta, "colors", None) else []
+    config.dataset = getattr(meta, "name", "custom")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mask2former.data.datasets import open_dataset
+    from mask2former.training.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
+
+    out_dir = Path(args.out)
+    model_config = _model_config(args)
+    train_config = TrainConfig()
+    saved_config = out_dir / "train_config.json"
+    if args.resume:
+        if not (out_dir / CHECKPOINT_NAME).exists():
+            raise UserError(f"--resume: no {out_dir / CHECKPOINT_NAME} to resume from")
+        if saved_config.exists():
+            train_config = TrainConfig.from_dict(json.loads(saved_config.read_text()))
+    for arg_name, field_name in OVERRIDES.items():
+        value = getattr(args, arg_name)
+        if value is not None:
+            setattr(train_config, field_name, value)
+    try:
+        dataset = open_dataset(args.data)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(f"--data {args.data}: {error}") from None
+    _adopt_dataset_classes(model_config, dataset.meta)
+    init_weights = None
+    if args.init:
+        import mask2former
+
+        try:
+            init_model, _ = mask2former.load_model(args.init)
+        except Exception as error:  # any unreadable checkpoint is a user error here
+            raise UserError(f"--init {args.init}: {error}") from None
+        init_weights = init_model.state_dict()
+    try:
+        trainer = Trainer(model_config, train_config, dataset, out_dir, init_weights=init_weights,
+                          show_progress=not args.no_progress)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if trainer.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        saved_config.write_text(json.dumps(vars(train_config) | {"milestones": list(train_config.milestones)},
+                                           indent=1))
+    if args.resume and trainer.resume() and trainer.rank == 0:
+        print(f"resumed from {out_dir / CHECKPOINT_NAME} at step {trainer.step}")
+    last = trainer.train()
+    if trainer.rank == 0:
+        print(f"trained {model_config.name} for {trainer.step} steps; last loss {last.get('loss', float('nan')):.4f}")
+        print(f"model written to {out_dir / 'model'} (use --weights {out_dir / 'model'})")
+    from mask2former.training.distributed import cleanup
+
+    cleanup()
+    return 0

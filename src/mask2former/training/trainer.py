@@ -1,0 +1,296 @@
+"""The training loop: one readable file, one process or many (torchrun + DistributedDataParallel).
+
+Every source of randomness is a pure function of (seed, epoch, step, image index), so a run killed after
+a checkpoint and resumed ends with the same weights as one that never stopped, and one process with batch
+2B computes the same gradients as two processes with batch B:
+- data order: ShardedSampler's permutation of (seed, epoch);
+- augmentation: a numpy Generator seeded with (seed, epoch, image index) in the worker that loads it;
+- point sampling of the matcher and the loss: `point_seed` of (seed, epoch, image index) in each target;
+- anything else drawing from torch's global generator (Swin's drop path): reseeded with (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mask2former.checkpoints.io import load_state_dict_strict, save_checkpoint
+from mask2former.config import ModelConfig
+from mask2former.data.collate import collate
+from mask2former.training import distributed as dist_utils
+from mask2former.training.criterion import SetCriterion
+from mask2former.training.matcher import HungarianMatcher
+from mask2former.training.optim import build_optimizer, lr_factor, set_learning_rate
+from mask2former.training.plot import plot_loss_curve, read_metrics
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data settings; defaults are the official ones (ADE20K-style poly schedule)."""
+
+    max_iters: int = 160000
+    batch_size: int = 16  # global, split over processes
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_multiplier: float = 0.1
+    clip_grad_norm: float = 0.01
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    milestones: tuple[int, ...] = ()
+    warmup_iters: int = 0
+    amp: bool = True  # used where the device supports it (CUDA fp16); CPU trains in fp32
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    augment: str = "lsj"  # lsj | multiscale | none
+    crop_size: int = 1024
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    device: str = "cpu"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        data["milestones"] = tuple(data.get("milestones", ()))
+        return cls(**data)
+
+
+def _seed_of(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (stable across processes and runs)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def build_augmentation(config: TrainConfig):
+    """The augmentation callable `(image, masks, labels, rng) -> (image, masks, labels)` or None."""
+    from mask2former.data import augment
+
+    if config.augment == "none":
+        return None
+    if config.augment == "lsj":
+        return augment.LargeScaleJitter(size=config.crop_size, min_scale=config.min_scale,
+                                        max_scale=config.max_scale)
+    if config.augment == "multiscale":
+        return augment.ShortestEdgeMultiScale(crop=(config.crop_size, config.crop_size))
+    raise ValueError(f"unknown augmentation {config.augment!r} (lsj, multiscale or none)")
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so item (epoch, index) is augmented with its own seeded Generator."""
+
+    def __init__(self, dataset: Dataset, augmentation, seed: int):
+        self.dataset = dataset
+        self.augmentation = augmentation
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        item = dict(self.dataset[index])
+        if self.augmentation is not None:
+            rng = np.random.default_rng(_seed_of(self.seed, 1, epoch, index))
+            item["image"], item["masks"], item["labels"] = self.augmentation(
+                item["image"], item["masks"], item["labels"], rng
+            )
+        item["point_seed"] = _seed_of(self.seed, 2, epoch, index)
+        return item
+
+
+def build_criterion(num_classes: int, config: TrainConfig) -> SetCriterion:
+    matcher = HungarianMatcher(cost_class=config.class_weight, cost_mask=config.mask_weight,
+                               cost_dice=config.dice_weight, num_points=config.num_points)
+    weight_dict = {"loss_ce": config.class_weight, "loss_mask": config.mask_weight, "loss_dice": config.dice_weight}
+    return SetCriterion(
+        num_classes, matcher, weight_dict, eos_coef=config.no_object_weight, num_points=config.num_points,
+        oversample_ratio=config.oversample_ratio, importance_sample_ratio=config.importance_sample_ratio,
+    )
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def collate_with_seeds(items: list[dict]) -> dict:
+    """The padded batch of `collate`, plus each image's point-sampling seed."""
+    batch = collate(items)
+    batch["point_seeds"] = [item["point_seed"] for item in items]
+    return batch
+
+
+class Trainer:
+    """Trains `model_config` on `dataset` into `out_dir` (checkpoint.pt, metrics.jsonl, loss.png, model/)."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset, out_dir: str | Path,
+                 init_weights: dict[str, torch.Tensor] | None = None, show_progress: bool = True):
+        from mask2former.modeling.build import build_model
+
+        self.model_config = model_config
+        self.config = train_config
+        self.dataset = dataset
+        self.out_dir = Path(out_dir)
+        self.rank, self.world_size = dist_utils.init_from_environment(train_config.device)
+        if train_config.batch_size % self.world_size:
+            raise ValueError(f"--batch-size {train_config.batch_size} is not divisible by {self.world_size} processes")
+        self.local_batch = train_config.batch_size // self.world_size
+        self.device = torch.device(train_config.device)
+        torch.manual_seed(train_config.seed)  # identical initial weights on every process
+        self.model = build_model(model_config).to(self.device).train()
+        if init_weights is not None:
+            load_state_dict_strict(self.model, init_weights, "initial weights")
+        self.ddp_model = self.model
+        if self.world_size > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.optimizer = build_optimizer(self.model, train_config.lr, train_config.weight_decay,
+                                         train_config.backbone_multiplier)
+        self.criterion = build_criterion(model_config.num_classes, train_config).to(self.device)
+        self.use_amp = train_config.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.sampler = dist_utils.ShardedSampler(len(dataset), train_config.seed, self.rank, self.world_size)
+        if self.sampler.batches_per_epoch(self.local_batch) == 0:
+            raise ValueError(f"the dataset has {len(dataset)} images: fewer than one batch of {train_config.batch_size}")
+        self.items = SeededItems(dataset, build_augmentation(train_config), train_config.seed)
+        self.step = 0
+        self.show_progress = show_progress and self.rank == 0
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def save(self) -> None:
+        if self.rank == 0:
+            state = {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "model_config": self.model_config.to_dict(),
+                "train_config": asdict(self.config),
+            }
+            _atomic_torch_save(state, self.checkpoint_path())
+        dist_utils.barrier()
+
+    def resume(self) -> bool:
+        """Restore the last checkpoint in out_dir; False when there is none."""
+        path = self.checkpoint_path()
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        batches = list(self.sampler.batches(epoch, self.local_batch))[skip_batches:]
+        keyed = [[(epoch, index) for index in batch] for batch in batches]
+        return DataLoader(self.items, batch_sampler=keyed, num_workers=self.config.num_workers,
+                          collate_fn=collate_with_seeds, persistent_workers=False)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        config = self.config
+        set_learning_rate(self.optimizer, lr_factor(
+            self.step, config.max_iters, config.schedule, config.poly_power, config.milestones,
+            warmup_iters=config.warmup_iters,
+        ))
+        torch.manual_seed(_seed_of(config.seed, 3, self.step, self.rank))
+        images = batch["images"].to(self.device)
+        targets = [
+            {"labels": t["labels"].to(self.device), "masks": t["masks"].to(self.device), "point_seed": seed}
+            for t, seed in zip(batch["targets"], batch["point_seeds"], strict=True)
+        ]
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            outputs = self.ddp_model(images, return_aux=True)
+        losses = self.criterion(outputs, targets)
+        loss = self.criterion.total_loss(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        record = {"loss": float(loss.detach())}
+        check_finite(record["loss"], self.step)
+        for key in ("loss_ce", "loss_mask", "loss_dice"):
+            if key in losses:
+                record[key] = float(losses[key].detach())
+        record["grad_norm"] = float(grad_norm)
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        return record
+
+    def train(self) -> dict:
+        """Run until max_iters; returns the last logged metrics."""
+        from tqdm import tqdm
+
+        config = self.config
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier()
+        per_epoch = self.sampler.batches_per_epoch(self.local_batch)
+        progress = tqdm(total=config.max_iters, initial=self.step, disable=not self.show_progress,
+                        unit="it", dynamic_ncols=True, file=sys.stderr)
+        metrics_path = self.out_dir / "metrics.jsonl"
+        last: dict = {}
+        started = time.perf_counter()
+        while self.step < config.max_iters:
+            epoch, skip = divmod(self.step, per_epoch)
+            for batch in self._loader(epoch, skip):
+                record = self.train_step(batch)
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                if self.step % config.log_every == 0 or self.step == config.max_iters:
+                    last = {"step": self.step, "epoch": epoch, **record,
+                            "seconds": round(time.perf_counter() - started, 2)}
+                    if self.rank == 0:
+                        with open(metrics_path, "a") as handle:
+                            handle.write(json.dumps(last) + "\n")
+                if self.step % config.checkpoint_every == 0 or self.step == config.max_iters:
+                    self.save()
+                    if self.rank == 0 and metrics_path.exists():
+                        plot_loss_curve(read_metrics(metrics_path), self.out_dir / "loss.png")
+                if self.step >= config.max_iters:
+                    break
+        progress.close()
+        if self.rank == 0:
+            save_checkpoint(self.model.state_dict(), self.model_config, self.out_dir / "model",
+                            extra={"trained_steps": self.step, "train_config": asdict(config)})
+        dist_utils.barrier()
+        return last
+
+
+def check_finite(value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss became {value} at step {step}: lower --lr or check the data")

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from mask2former.config import PRESETS, ModelConfig, get_preset
+
+REQUIRED = [
+    "coco-panoptic-r50", "coco-panoptic-r101", "coco-panoptic-swin-t", "coco-panoptic-swin-s",
+    "coco-panoptic-swin-b", "coco-panoptic-swin-l", "coco-instance-r50", "ade20k-semantic-r50",
+    "ade20k-semantic-swin-t",
+]
+
+
+def test_required_presets_exist():
+    assert set(REQUIRED) <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_preset_dataset_facts(name):
+    config = get_preset(name)
+    expected = {"coco-panoptic": (133, 80), "coco-instance": (80, 80), "ade20k-semantic": (150, None)}
+    prefix = "-".join(name.split("-")[:2])
+    classes, things = expected[prefix]
+    assert config.num_classes == classes
+    assert len(config.thing_classes) == len(config.category_ids) == classes
+    if things is not None:
+        assert sum(config.thing_classes) == things
+    assert len(set(config.category_ids)) == classes
+    test_size = {"coco": (800, 1333), "ade20k": (512, 2048)}[name.split("-")[0]]
+    assert (config.input.short_edge, config.input.max_size) == test_size
+
+
+def test_query_counts_and_backbones():
+    assert get_preset("coco-panoptic-swin-l").decoder.num_queries == 200
+    assert get_preset("coco-panoptic-r50").decoder.num_queries == 100
+    assert get_preset("ade20k-semantic-swin-t").decoder.num_queries == 100
+    assert get_preset("coco-panoptic-r101").backbone.layers == (3, 4, 23, 3)
+    swin_b = get_preset("coco-panoptic-swin-b").backbone
+    assert (swin_b.embed_dim, swin_b.window_size, swin_b.num_heads) == (128, 12, (4, 8, 16, 32))
+    swin_s = get_preset("coco-panoptic-swin-s").backbone
+    assert swin_s.depths == (2, 2, 18, 2) and swin_s.window_size == 7
+
+
+def test_json_round_trip():
+    config = get_preset("coco-panoptic-swin-t")
+    again = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+
+
+def test_unknown_keys_and_presets_are_errors():
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelConfig.from_dict({"nmae": "x"})
+    with pytest.raises(ValueError, match="known presets"):
+        get_preset("coco-panoptic-r51")
