@@ -1,0 +1,333 @@
+"""Inference post-processing: one image's class and mask logits -> semantic / panoptic / instance results.
+
+Follows the official Mask2Former code (maskformer_model.py: semantic_inference, panoptic_inference,
+instance_inference; detectron2's sem_seg_postprocess). Every result is in the coordinates of the original
+image and uses contiguous class indices 0..K-1 (K = number of classes, index K of the logits is
+"no object"); map them to dataset ids with the dataset's category ids when writing files.
+
+Resizing every query's mask to a large original image is where the official code runs out of memory, so
+mask logits are resized in chunks of queries, and panoptic / instance inference through `postprocess`
+only resize the queries they can use (decided from the class scores alone, so the results are the same up
+to float rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Size = tuple[int, int]
+CHUNK = 16  # queries resized at a time: bounds peak memory at CHUNK x padded/original size floats
+
+
+@dataclass
+class SemanticResult:
+    class_map: np.ndarray  # (H, W) int32 contiguous class index per pixel
+    scores: torch.Tensor  # (K, H, W) float32 per-class score (sum over queries of p(c|q) * sigmoid(mask))
+
+
+@dataclass
+class PanopticSegment:
+    id: int  # value of the segment in PanopticResult.id_map (>= 1)
+    category_id: int  # contiguous class index
+    isthing: bool
+    score: float  # class probability of the (first) query that made the segment
+    area: int  # pixels in id_map
+
+
+@dataclass
+class PanopticResult:
+    id_map: np.ndarray  # (H, W) int32, 0 = void
+    segments: list[PanopticSegment]
+
+
+@dataclass
+class InstanceResult:
+    masks: np.ndarray  # (N, H, W) bool
+    classes: np.ndarray  # (N,) int64 contiguous class index
+    scores: np.ndarray  # (N,) float32, sorted in decreasing order
+    boxes: np.ndarray  # (N, 4) float32 xyxy pixels, exclusive max (x2 = last column + 1); zeros if empty
+
+
+def _check_pair(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
+    if class_logits.ndim != 2 or mask_logits.ndim != 3 or class_logits.shape[0] != mask_logits.shape[0]:
+        raise ValueError(
+            f"class_logits (Q, K+1) and mask_logits (Q, H, W) disagree: got {tuple(class_logits.shape)} "
+            f"and {tuple(mask_logits.shape)}"
+        )
+
+
+def _bilinear(x: torch.Tensor, size: Size) -> torch.Tensor:
+    """(N, h, w) -> (N, *size), bilinear with align_corners=False as everywhere in the official code."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def _to_padded_then_original(mask_logits: torch.Tensor, padded_size: Size, image_size: Size,
+                             original_size: Size) -> torch.Tensor:
+    """One chunk of (n, h4, w4) -> (n, H, W): upsample to the padded input, crop the image, resize."""
+    padded = _bilinear(mask_logits.float(), padded_size)
+    return _bilinear(padded[:, : image_size[0], : image_size[1]], original_size)
+
+
+@torch.no_grad()
+def resize_mask_logits(mask_logits: torch.Tensor, padded_size: Size, image_size: Size, original_size: Size,
+                       chunk_size: int = CHUNK) -> torch.Tensor:
+    """Mask logits of the network input -> logits on the original image (detectron2 sem_seg_postprocess).
+
+    mask_logits (Q, h4, w4) -> (Q, H, W) float32: bilinear to `padded_size` (Hp, Wp), crop to the resized
+    image `image_size` (h, w), bilinear to `original_size` (H, W); `chunk_size` queries at a time (torch's
+    kernel vectorises across queries, so chunking changes the values only by float rounding).
+    """
+    if mask_logits.ndim != 3:
+        raise ValueError(f"mask_logits: expected (Q, h, w), got shape {tuple(mask_logits.shape)}")
+    q = mask_logits.shape[0]
+    out = torch.empty((q, *original_size), dtype=torch.float32, device=mask_logits.device)
+    for begin in range(0, q, chunk_size):
+        out[begin:begin + chunk_size] = _to_padded_then_original(
+            mask_logits[begin:begin + chunk_size], padded_size, image_size, original_size
+        )
+    return out
+
+
+def _class_probs(class_logits: torch.Tensor) -> torch.Tensor:
+    """(Q, K+1) logits -> (Q, K) probabilities of the real classes (softmax over K+1, no-object dropped)."""
+    return class_logits.float().softmax(-1)[:, :-1]
+
+
+@torch.no_grad()
+def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """class_logits (Q, K+1), mask_logits (Q, H, W) -> (K, H, W) scores sum_q p(c|q) * sigmoid(mask_q)."""
+    _check_pair(class_logits, mask_logits)
+    return torch.einsum("qc,qhw->chw", _class_probs(class_logits), mask_logits.float().sigmoid())
+
+
+@torch.no_grad()
+def semantic_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size: Size,
+                         image_size: Size, original_size: Size, postprocess_before_inference: bool = False,
+                         chunk_size: int = CHUNK) -> SemanticResult:
+    """One image's outputs -> SemanticResult at the original size.
+
+    class_logits (Q, K+1), mask_logits (Q, Hp/4, Wp/4). The official code first upsamples the mask
+    logits to the padded input; then, for semantic-only models (postprocess_before_inference False, the
+    default), it runs semantic inference at the padded size and resizes the (K, Hp, Wp) score map with
+    sem_seg_postprocess; for models that also do panoptic / instance inference (True) it resizes every
+    query's mask logits to the original size first. The sum over queries is accumulated `chunk_size`
+    queries at a time, so neither order holds all Q upsampled masks in memory.
+    """
+    _check_pair(class_logits, mask_logits)
+    probs = _class_probs(class_logits)
+    scores = None
+    for begin in range(0, mask_logits.shape[0], chunk_size):
+        chunk = mask_logits[begin:begin + chunk_size]
+        if postprocess_before_inference:
+            chunk = _to_padded_then_original(chunk, padded_size, image_size, original_size)
+        else:
+            chunk = _bilinear(chunk.float(), padded_size)
+        part = torch.einsum("qc,qhw->chw", probs[begin:begin + chunk_size], chunk.sigmoid())
+        scores = part if scores is None else scores.add_(part)
+    if scores is None:  # no queries at all: nothing scores anywhere
+        size = original_size if postprocess_before_inference else padded_size
+        scores = torch.zeros((probs.shape[1], *size), device=mask_logits.device)
+    if not postprocess_before_inference:
+        scores = _bilinear(scores[:, : image_size[0], : image_size[1]], original_size)
+    class_map = scores.argmax(0).to(torch.int32).cpu().numpy()
+    return SemanticResult(class_map=class_map, scores=scores)
+
+
+def _panoptic_keep(class_logits: torch.Tensor, object_mask_threshold: float) -> torch.Tensor:
+    """(Q,) bool: queries whose best class is a real class with probability > object_mask_threshold."""
+    scores, labels = class_logits.float().softmax(-1).max(-1)
+    return (labels != class_logits.shape[-1] - 1) & (scores > object_mask_threshold)
+
+
+@torch.no_grad()
+def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing_classes: Sequence[bool],
+                       object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8) -> PanopticResult:
+    """class_logits (Q, K+1), mask_logits (Q, H, W) -> PanopticResult with an (H, W) id map.
+
+    Official semantics: keep queries whose best class is not no-object with probability >
+    object_mask_threshold; each pixel goes to the kept query maximising probability * sigmoid(mask); a
+    query's segment is the pixels it owns where its own sigmoid >= 0.5. A query is dropped when it owns
+    no pixel, its sigmoid >= 0.5 area is 0, its segment is empty, or owned area / (sigmoid >= 0.5 area)
+    < overlap_threshold. Stuff queries of one class share the id of the first of them; things get an id
+    each; ids count from 1 in query order. `thing_classes[c]` says whether class c is a thing.
+    """
+    _check_pair(class_logits, mask_logits)
+    num_classes = class_logits.shape[-1] - 1
+    if len(thing_classes) != num_classes:
+        raise ValueError(
+            f"thing_classes: expected {num_classes} flags (one per class), got {len(thing_classes)}"
+        )
+    h, w = mask_logits.shape[-2:]
+    keep = _panoptic_keep(class_logits, object_mask_threshold)
+    if not bool(keep.any()):
+        return PanopticResult(id_map=np.zeros((h, w), dtype=np.int32), segments=[])
+
+    scores, classes = class_logits[keep].float().softmax(-1).max(-1)
+    masks = mask_logits[keep].float().sigmoid()  # (n, H, W)
+    n = masks.shape[0]
+    owner = (scores[:, None, None] * masks).argmax(0)  # (H, W), ties go to the first query as in torch
+    in_own_mask = masks.gather(0, owner[None])[0] >= 0.5  # the owner's own sigmoid >= 0.5
+    owned_area = torch.bincount(owner.flatten(), minlength=n).tolist()
+    mask_area = (masks >= 0.5).flatten(1).sum(1).tolist()
+    segment_area = torch.bincount(owner[in_own_mask], minlength=n).tolist()
+
+    query_to_id = [0] * n  # 0: the query's pixels stay void
+    segments: list[PanopticSegment] = []
+    stuff_ids: dict[int, PanopticSegment] = {}
+    for k in range(n):
+        if owned_area[k] == 0 or mask_area[k] == 0 or segment_area[k] == 0:
+            continue
+        if owned_area[k] / mask_area[k] < overlap_threshold:
+            continue
+        category = int(classes[k])
+        isthing = bool(thing_classes[category])
+        if not isthing and category in stuff_ids:
+            merged = stuff_ids[category]
+            merged.area += segment_area[k]
+            query_to_id[k] = merged.id
+            continue
+        segment = PanopticSegment(id=len(segments) + 1, category_id=category, isthing=isthing,
+                                  score=float(scores[k]), area=segment_area[k])
+        segments.append(segment)
+        if not isthing:
+            stuff_ids[category] = segment
+        query_to_id[k] = segment.id
+
+    # Segments are disjoint (each pixel has one owner), so painting is a lookup of the owner's id.
+    lookup = torch.tensor(query_to_id, dtype=torch.int32, device=owner.device)
+    id_map = torch.where(in_own_mask, lookup[owner], torch.zeros((), dtype=torch.int32, device=owner.device))
+    return PanopticResult(id_map=id_map.cpu().numpy().astype(np.int32, copy=False), segments=segments)
+
+
+def _select_instances(class_logits: torch.Tensor, top_k: int, thing_classes: Sequence[bool] | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k (query, class) pairs by class probability over Q x K, then (officially after top-k) things only.
+
+    Returns (scores (N,), classes (N,) int64, queries (N,) int64), in decreasing class probability.
+    """
+    probs = _class_probs(class_logits)  # (Q, K)
+    num_classes = probs.shape[1]
+    top_k = min(int(top_k), probs.numel())
+    scores, flat_index = probs.flatten().topk(top_k)
+    classes, queries = flat_index % num_classes, flat_index // num_classes
+    if thing_classes is not None:
+        if len(thing_classes) != num_classes:
+            raise ValueError(
+                f"thing_classes: expected {num_classes} flags (one per class), got {len(thing_classes)}"
+            )
+        is_thing = torch.tensor([bool(t) for t in thing_classes], device=classes.device)[classes]
+        scores, classes, queries = scores[is_thing], classes[is_thing], queries[is_thing]
+    return scores, classes, queries
+
+
+def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, 4) float32 xyxy with exclusive max; all zero for empty masks."""
+    n, h, w = masks.shape
+    rows, cols = masks.any(2), masks.any(1)  # (N, H), (N, W)
+    nonempty = rows.any(1)
+    # argmax of a bool row finds its first True; on the flipped row, the last one.
+    y1 = rows.to(torch.uint8).argmax(1)
+    y2 = h - rows.flip(1).to(torch.uint8).argmax(1)
+    x1 = cols.to(torch.uint8).argmax(1)
+    x2 = w - cols.flip(1).to(torch.uint8).argmax(1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return boxes * nonempty[:, None]
+
+
+def _instances(scores: torch.Tensor, classes: torch.Tensor, queries: torch.Tensor, size: Size,
+               masks_of: Callable[[torch.Tensor], torch.Tensor], score_threshold: float,
+               chunk_size: int) -> InstanceResult:
+    """Binarise and score the selected queries' masks, fetching (n, H, W) logits with masks_of(query ids)."""
+    unique, inverse = torch.unique(queries, return_inverse=True)
+    u = unique.numel()
+    binary = np.zeros((u, *size), dtype=bool)
+    mask_scores = torch.zeros(u)
+    boxes = torch.zeros((u, 4))
+    for begin in range(0, u, chunk_size):
+        logits = masks_of(unique[begin:begin + chunk_size]).float()
+        chunk = logits > 0  # mask = logit > 0, i.e. sigmoid > 0.5
+        # Mean sigmoid inside the mask; 1e-6 keeps empty masks at score 0 as in the official code.
+        inside = (logits.sigmoid() * chunk).flatten(1).sum(1) / (chunk.flatten(1).sum(1) + 1e-6)
+        mask_scores[begin:begin + chunk_size] = inside.cpu()
+        boxes[begin:begin + chunk_size] = _boxes_from_masks(chunk).cpu()
+        binary[begin:begin + chunk_size] = chunk.cpu().numpy()
+    inverse = inverse.cpu()
+    final = scores.cpu() * mask_scores[inverse]
+    order = torch.argsort(final, descending=True, stable=True)
+    order = order[final[order] >= score_threshold]
+    rows = inverse[order].numpy()
+    return InstanceResult(
+        masks=binary[rows],
+        classes=classes.cpu()[order].numpy().astype(np.int64),
+        scores=final[order].numpy().astype(np.float32),
+        boxes=boxes[inverse[order]].numpy().astype(np.float32),
+    )
+
+
+@torch.no_grad()
+def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                       thing_classes: Sequence[bool] | None = None, top_k: int = 100,
+                       score_threshold: float = 0.0, chunk_size: int = CHUNK) -> InstanceResult:
+    """class_logits (Q, K+1), mask_logits (Q, H, W) -> InstanceResult of at most top_k instances.
+
+    Official semantics: the top_k (query, class) pairs by class probability over Q x K (a query may come
+    back with several classes); with `thing_classes` (a model trained for panoptic), pairs of stuff classes
+    are dropped after the top-k; mask = logit > 0; score = class probability x mean sigmoid inside the
+    mask. Additions: boxes from the masks, results sorted by score, and pairs with score < score_threshold
+    dropped (the default 0 drops nothing, as the official code).
+    """
+    _check_pair(class_logits, mask_logits)
+    scores, classes, queries = _select_instances(class_logits, top_k, thing_classes)
+    size = tuple(mask_logits.shape[-2:])
+    return _instances(scores, classes, queries, size, lambda q: mask_logits[q], score_threshold, chunk_size)
+
+
+TASKS = ("semantic", "panoptic", "instance")
+
+
+@torch.no_grad()
+def postprocess(outputs: dict[str, torch.Tensor], batch_index: int = 0, task: str = "panoptic",
+                padded_size: Size | None = None, image_size: Size | None = None,
+                original_size: Size | None = None, thing_classes: Sequence[bool] | None = None,
+                object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8, top_k: int = 100,
+                score_threshold: float = 0.0, semantic_before_inference: bool = False,
+                chunk_size: int = CHUNK) -> SemanticResult | PanopticResult | InstanceResult:
+    """One image of a batch of model outputs -> its result at the original size.
+
+    outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, Hp/4, Wp/4). padded_size (Hp, Wp) defaults
+    to 4x the mask size, image_size (h, w) (the resized image inside the padding) to padded_size,
+    original_size (H, W) to image_size. Panoptic needs `thing_classes`; instance filters to things when
+    it is given (the official behaviour for panoptic models) and keeps every class when None.
+    Panoptic and instance resize only the queries they can use, chunk_size at a time.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+    class_logits = outputs["pred_logits"][batch_index]
+    mask_logits = outputs["pred_masks"][batch_index]
+    _check_pair(class_logits, mask_logits)
+    padded_size = tuple(padded_size or (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1]))
+    image_size = tuple(image_size or padded_size)
+    original_size = tuple(original_size or image_size)
+
+    def resize(queries: torch.Tensor) -> torch.Tensor:
+        return resize_mask_logits(mask_logits[queries], padded_size, image_size, original_size, chunk_size)
+
+    if task == "semantic":
+        return semantic_postprocess(class_logits, mask_logits, padded_size, image_size, original_size,
+                                    semantic_before_inference, chunk_size)
+    if task == "panoptic":
+        if thing_classes is None:
+            raise ValueError("thing_classes: panoptic post-processing needs one thing/stuff flag per class")
+        keep = torch.nonzero(_panoptic_keep(class_logits, object_mask_threshold)).flatten()
+        # Keeping depends on class scores only, so inference on the kept subset is the same computation.
+        return panoptic_inference(class_logits[keep], resize(keep), thing_classes, object_mask_threshold,
+                                  overlap_threshold)
+    scores, classes, queries = _select_instances(class_logits, top_k, thing_classes)
+    return _instances(scores, classes, queries, original_size, resize, score_threshold, chunk_size)
