@@ -1,0 +1,174 @@
+"""Reading images from disk, PIL or numpy into one format: (H, W, 3) uint8 RGB.
+
+Every failure a user can cause (missing file, not an image, truncated data, odd array) becomes an
+`ImageReadError` whose message is one line naming the file, so the CLI can print it as is.
+
+Colour handling follows what the official pipeline gets from detectron2's `read_image`: EXIF
+orientation applied, then PIL `convert("RGB")`. In particular an alpha channel is dropped, not
+composited (a transparent pixel keeps its stored colour), exactly as `convert("RGB")` does. PIL's
+conversions would clip 16-bit and float images to 0..255, so those are rescaled here instead.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+_GLOB_CHARS = set("*?[")
+
+
+class ImageReadError(ValueError):
+    """An image could not be read; the message is one line that names the file."""
+
+
+def load_image(source: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+    """Any supported image -> (H, W, 3) uint8 RGB, C-contiguous, EXIF orientation applied.
+
+    Arrays: (H, W, 3) uint8 is returned as is; (H, W) or (H, W, 1) is gray; (H, W, 4) loses its alpha;
+    uint16 arrays are divided by 257. Anything else raises ImageReadError.
+    """
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        name = getattr(source, "filename", "") or "<PIL image>"
+        return _pil_to_rgb(source, name)
+    if isinstance(source, str | Path):
+        return _read_file(Path(source))
+    kind = type(source).__name__
+    raise ImageReadError(f"cannot read an image from a {kind}; pass a path, PIL image or array")
+
+
+def _read_file(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a folder, not an image file")
+    try:
+        with Image.open(path) as img:
+            # Image.open only parses the header; load() decodes every byte so truncation shows up here.
+            img.load()
+            return _pil_to_rgb(img, str(path))
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file (or a format PIL cannot read)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: image too large to read safely ({_one_line(exc)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _decode_error(path, exc) from None
+
+
+def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _decode_error(name, exc) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not make a readable photo unreadable
+        pass
+    mode = img.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        gray = _high_depth_to_uint8(np.asarray(img), mode)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode in ("P", "PA") and (mode == "PA" or "transparency" in img.info):
+        # Through RGBA so PIL does not warn about palette transparency; the alpha is then dropped.
+        img = img.convert("RGBA")
+    try:
+        rgb = img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageReadError(f"{name}: unsupported colour mode {mode!r} ({_one_line(exc)})") from None
+    return np.array(rgb, dtype=np.uint8, copy=True).reshape(rgb.height, rgb.width, 3)
+
+
+def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit integer or float gray (H, W) -> uint8 (H, W).
+
+    16-bit divides by 257 (65535 -> 255). Mode "I" is read as 16-bit when it fits 0..65535 (what old
+    Pillow gives for 16-bit PNGs), else stretched min..max. Float in 0..1 is scaled by 255, else clipped.
+    """
+    values = values.astype(np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    if mode.startswith("I;16"):
+        scaled = values / 257.0
+    elif mode == "I":
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low >= 0 and high <= 65535:
+            scaled = values / 257.0
+        else:
+            scaled = (values - low) * (255.0 / max(high - low, 1.0))
+    else:
+        high = float(values.max()) if values.size else 0.0
+        scaled = values * 255.0 if high <= 1.0 else values
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    shape = array.shape
+    if array.dtype == np.uint16:
+        array = np.rint(array.astype(np.float32) / 257.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageReadError(
+            f"<array>: dtype {array.dtype} not supported; pass uint8 RGB (0..255) or uint16 values"
+        )
+    if array.ndim == 3 and shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and shape[2] == 4:
+        array = array[:, :, :3]
+    elif not (array.ndim == 3 and shape[2] == 3):
+        raise ImageReadError(f"<array>: shape {shape} not supported; expected (H, W), (H, W, 3) or (H, W, 4)")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageReadError(f"<array>: empty image of shape {shape}")
+    return np.ascontiguousarray(array)
+
+
+def _decode_error(name: str | Path, exc: BaseException) -> ImageReadError:
+    return ImageReadError(f"{name}: cannot decode image, file truncated or corrupt ({_one_line(exc)})")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def list_images(inputs: list[str] | str) -> list[Path]:
+    """Expand files, folders and glob patterns into a list of image paths (order kept, no duplicates).
+
+    A file is taken whatever its extension (reading it reports a bad one); a folder gives its image files
+    (by extension, sorted, not recursive); a pattern gives its matching image files (`**` recurses).
+    A missing path, an image-less folder or a pattern matching no image raises ImageReadError.
+    """
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    found: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and _is_image_name(p))
+            if not images:
+                kinds = ", ".join(IMAGE_EXTENSIONS[:4])
+                raise ImageReadError(f"{path}: folder has no image files ({kinds}, ...)")
+            found.extend(images)
+        elif _GLOB_CHARS & set(text):
+            images = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            images = [p for p in images if p.is_file() and _is_image_name(p)]
+            if not images:
+                raise ImageReadError(f"{text}: pattern matches no image files")
+            found.extend(images)
+        else:
+            raise ImageReadError(f"{path}: no such file or folder")
+    unique: dict[Path, None] = dict.fromkeys(found)
+    return list(unique)
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
