@@ -30,9 +30,10 @@ def _run_counts(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, length = flat.shape
     # A run starts at every pixel that differs from its predecessor; a virtual 0 precedes pixel 0 so the
     # first run always counts zeros (and has length 0 when the mask starts with a set pixel).
-    padded = np.zeros((n, length + 1), dtype=np.int8)
-    padded[:, 1:] = flat
-    rows, cols = np.nonzero(np.diff(padded, axis=1))
+    change = np.empty((n, length), dtype=bool)
+    change[:, :1] = flat[:, :1]
+    np.not_equal(flat[:, 1:], flat[:, :-1], out=change[:, 1:])
+    rows, cols = np.nonzero(change)
     boundaries = rows.astype(np.int64) * length + cols
     # Run edges of all masks on one axis: every mask start, every boundary, the end. A boundary at a
     # mask's first pixel duplicates that mask's start and yields the zero-length leading run.
