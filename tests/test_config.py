@@ -5,8 +5,14 @@ import pytest
 from mask2former.config import PRESETS, ModelConfig, get_preset
 
 REQUIRED = [
-    "coco-panoptic-r50", "coco-panoptic-r101", "coco-panoptic-swin-t", "coco-panoptic-swin-s",
-    "coco-panoptic-swin-b", "coco-panoptic-swin-l", "coco-instance-r50", "ade20k-semantic-r50",
+    "coco-panoptic-r50",
+    "coco-panoptic-r101",
+    "coco-panoptic-swin-t",
+    "coco-panoptic-swin-s",
+    "coco-panoptic-swin-b",
+    "coco-panoptic-swin-l",
+    "coco-instance-r50",
+    "ade20k-semantic-r50",
     "ade20k-semantic-swin-t",
 ]
 

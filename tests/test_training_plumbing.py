@@ -20,13 +20,17 @@ class Toy(nn.Module):
 
 
 def test_parameter_groups_follow_official_rules():
-    groups = {g["name"]: g for g in parameter_groups(Toy(), lr=1e-4, weight_decay=0.05, backbone_multiplier=0.1)}
+    groups = {
+        g["name"]: g for g in parameter_groups(Toy(), lr=1e-4, weight_decay=0.05, backbone_multiplier=0.1)
+    }
     assert groups["backbone.0.weight"]["lr"] == pytest.approx(1e-5)
     assert groups["backbone.0.weight"]["weight_decay"] == 0.05
     assert groups["backbone.1.weight"]["weight_decay"] == 0.0  # norm inside the backbone
     assert groups["query_feat.weight"]["weight_decay"] == 0.0
     assert groups["norm.bias"]["weight_decay"] == 0.0
-    assert groups["head.weight"]["lr"] == pytest.approx(1e-4) and groups["head.weight"]["weight_decay"] == 0.05
+    assert (
+        groups["head.weight"]["lr"] == pytest.approx(1e-4) and groups["head.weight"]["weight_decay"] == 0.05
+    )
     assert groups["level_embed"]["weight_decay"] == 0.05  # a plain Parameter keeps its decay
     assert groups["relative_position_bias_table"]["weight_decay"] == 0.0
     optimizer = build_optimizer(Toy())
@@ -35,7 +39,7 @@ def test_parameter_groups_follow_official_rules():
 
 def test_poly_and_step_schedules():
     assert lr_factor(0, 100) == 1.0
-    assert lr_factor(50, 100) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(50, 100) == pytest.approx(0.5**0.9)
     assert lr_factor(100, 100) == 0.0
     assert lr_factor(10, 100, "step", milestones=(5, 20)) == pytest.approx(0.1)
     assert lr_factor(25, 100, "step", milestones=(5, 20)) == pytest.approx(0.01)

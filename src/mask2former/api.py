@@ -34,7 +34,9 @@ def has_bundled_model() -> bool:
     return is_our_format(BUNDLED_DIR)
 
 
-def load_model(path: str | Path | None = None, preset: str | None = None) -> tuple[torch.nn.Module, ModelConfig]:
+def load_model(
+    path: str | Path | None = None, preset: str | None = None
+) -> tuple[torch.nn.Module, ModelConfig]:
     """(model in eval mode, config) from a checkpoint in any supported format.
 
     path None -> the bundled model. Formats: our folder (model.safetensors + config.json), official
@@ -68,7 +70,9 @@ def load(path: str | Path | None = None, preset: str | None = None, device: str 
             stacklevel=2,
         )
         config = get_preset(BUNDLED_PRESET)
-        return Predictor(TorchRunner(build(config, seed=0), device), config, source="random init", trained=False)
+        return Predictor(
+            TorchRunner(build(config, seed=0), device), config, source="random init", trained=False
+        )
     if path is not None and str(path).endswith(".onnx"):
         from mask2former.export.runtime import load_onnx_predictor
 

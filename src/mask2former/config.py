@@ -145,7 +145,11 @@ def _swin(size: str) -> BackboneConfig:
         "l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 384),
     }[size]
     return BackboneConfig(
-        kind="swin", embed_dim=embed, depths=depths, num_heads=heads, window_size=window,
+        kind="swin",
+        embed_dim=embed,
+        depths=depths,
+        num_heads=heads,
+        window_size=window,
         pretrain_img_size=pretrain,
     )
 
@@ -167,8 +171,11 @@ def coco_panoptic(backbone: str) -> ModelConfig:
     bb = _resnet(int(backbone[1:])) if backbone.startswith("r") else _swin(backbone.split("-")[1])
     queries = 200 if backbone == "swin-l" else 100
     config = ModelConfig(
-        name=f"coco-panoptic-{backbone}", backbone=bb, decoder=TransformerDecoderConfig(num_queries=queries),
-        input=InputConfig(short_edge=800, max_size=1333), task="panoptic",
+        name=f"coco-panoptic-{backbone}",
+        backbone=bb,
+        decoder=TransformerDecoderConfig(num_queries=queries),
+        input=InputConfig(short_edge=800, max_size=1333),
+        task="panoptic",
     )
     return _with_dataset(config, "coco_panoptic")
 
@@ -178,8 +185,11 @@ def coco_instance(backbone: str) -> ModelConfig:
     bb = _resnet(int(backbone[1:])) if backbone.startswith("r") else _swin(backbone.split("-")[1])
     queries = 200 if backbone == "swin-l" else 100
     config = ModelConfig(
-        name=f"coco-instance-{backbone}", backbone=bb, decoder=TransformerDecoderConfig(num_queries=queries),
-        input=InputConfig(short_edge=800, max_size=1333), task="instance",
+        name=f"coco-instance-{backbone}",
+        backbone=bb,
+        decoder=TransformerDecoderConfig(num_queries=queries),
+        input=InputConfig(short_edge=800, max_size=1333),
+        task="instance",
     )
     return _with_dataset(config, "coco_instance")
 
@@ -192,7 +202,10 @@ def ade20k_semantic(backbone: str) -> ModelConfig:
     else:
         input_config = InputConfig(short_edge=512, max_size=2048)
     config = ModelConfig(
-        name=f"ade20k-semantic-{backbone}", backbone=bb, input=input_config, task="semantic",
+        name=f"ade20k-semantic-{backbone}",
+        backbone=bb,
+        input=input_config,
+        task="semantic",
     )
     return _with_dataset(config, "ade20k_semantic")
 
@@ -203,9 +216,17 @@ def synth_tiny() -> ModelConfig:
         name="synth-tiny",
         backbone=BackboneConfig(kind="resnet", layers=(1, 1, 2, 1), stem_channels=16, res2_channels=32),
         pixel_decoder=PixelDecoderConfig(
-            conv_dim=64, mask_dim=64, num_encoder_layers=2, num_heads=4, num_points=4, ffn_dim=128, num_groups=8,
+            conv_dim=64,
+            mask_dim=64,
+            num_encoder_layers=2,
+            num_heads=4,
+            num_points=4,
+            ffn_dim=128,
+            num_groups=8,
         ),
-        decoder=TransformerDecoderConfig(hidden_dim=64, num_queries=20, nheads=4, dim_feedforward=256, dec_layers=9),
+        decoder=TransformerDecoderConfig(
+            hidden_dim=64, num_queries=20, nheads=4, dim_feedforward=256, dec_layers=9
+        ),
         input=InputConfig(short_edge=128, max_size=256),
         task="panoptic",
     )

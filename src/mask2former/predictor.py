@@ -16,15 +16,7 @@ import torch
 from mask2former.config import ModelConfig
 from mask2former.data.image_io import load_image
 from mask2former.data.preprocess import PreprocessedImage, pad_batch, preprocess
-from mask2former.postprocess import (
-    InstanceResult,
-    PanopticResult,
-    SemanticResult,
-    instance_inference,
-    panoptic_inference,
-    resize_mask_logits,
-    semantic_postprocess,
-)
+from mask2former.postprocess import InstanceResult, PanopticResult, SemanticResult, postprocess
 
 TASKS = ("semantic", "instance", "panoptic")
 Result = SemanticResult | PanopticResult | InstanceResult
@@ -50,7 +42,10 @@ class TorchRunner:
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.to(self.device, dtype=next(self.model.parameters()).dtype)
         outputs = self.model(images, return_aux=False)
-        return {"pred_logits": outputs["pred_logits"].float().cpu(), "pred_masks": outputs["pred_masks"].float().cpu()}
+        return {
+            "pred_logits": outputs["pred_logits"].float().cpu(),
+            "pred_masks": outputs["pred_masks"].float().cpu(),
+        }
 
 
 class Predictor:
@@ -60,8 +55,13 @@ class Predictor:
     `trained` is False for a randomly initialised model: callers say so to the user.
     """
 
-    def __init__(self, runner: Callable[[torch.Tensor], dict[str, torch.Tensor]], config: ModelConfig,
-                 source: str = "", trained: bool = True):
+    def __init__(
+        self,
+        runner: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        config: ModelConfig,
+        source: str = "",
+        trained: bool = True,
+    ):
         self.runner = runner
         self.config = config
         self.source = source
@@ -79,7 +79,10 @@ class Predictor:
                 raise ValueError(f"model {self.config.name!r}: deploy pre-processing needs input.size")
             return preprocess(image, mode="deploy", size=tuple(cfg.size))
         return preprocess(
-            image, mode="official", short_edge=cfg.short_edge, max_size=cfg.max_size,
+            image,
+            mode="official",
+            short_edge=cfg.short_edge,
+            max_size=cfg.max_size,
             size_divisibility=cfg.size_divisibility,
         )
 
@@ -99,25 +102,32 @@ class Predictor:
         padded_size = tuple(batch.shape[-2:])
         predictions = []
         for index, (array, item) in enumerate(zip(arrays, inputs, strict=True)):
-            result = self._postprocess(
-                outputs["pred_logits"][index], outputs["pred_masks"][index], padded_size, item, task
-            )
+            result = self._postprocess(outputs, index, padded_size, item, task)
             predictions.append(Prediction(image=array, result=result, task=task))
         return predictions
 
-    def _postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size: tuple[int, int],
-                     item: PreprocessedImage, task: str) -> Result:
-        """One image: class_logits (Q, K+1), mask_logits (Q, Hp/4, Wp/4) -> result at the original size."""
+    def _postprocess(
+        self,
+        outputs: dict[str, torch.Tensor],
+        index: int,
+        padded_size: tuple[int, int],
+        item: PreprocessedImage,
+        task: str,
+    ) -> Result:
+        """Image `index` of the batch outputs -> its result at the original size (official semantics)."""
         cfg = self.config
-        if task == "semantic":
-            return semantic_postprocess(
-                class_logits, mask_logits, padded_size, tuple(item.image_size), tuple(item.original_size)
-            )
-        masks = resize_mask_logits(mask_logits, padded_size, tuple(item.image_size), tuple(item.original_size))
-        if task == "panoptic":
-            return panoptic_inference(
-                class_logits, masks, cfg.thing_classes, object_mask_threshold=cfg.object_mask_threshold,
-                overlap_threshold=cfg.overlap_threshold,
-            )
-        thing_classes = cfg.thing_classes if cfg.task == "panoptic" else None
-        return instance_inference(class_logits, masks, thing_classes=thing_classes, top_k=cfg.test_topk)
+        return postprocess(
+            outputs,
+            batch_index=index,
+            task=task,
+            padded_size=padded_size,
+            image_size=tuple(item.image_size),
+            original_size=tuple(item.original_size),
+            # a panoptic model reports instances of thing classes only, as the official code does
+            thing_classes=cfg.thing_classes if (task == "panoptic" or cfg.task == "panoptic") else None,
+            object_mask_threshold=cfg.object_mask_threshold,
+            overlap_threshold=cfg.overlap_threshold,
+            top_k=cfg.test_topk,
+            # the official semantic order differs when the model also does panoptic/instance inference
+            semantic_before_inference=cfg.task != "semantic",
+        )

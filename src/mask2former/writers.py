@@ -42,7 +42,7 @@ class PredictionWriter:
         self.instance_results: list[dict] = []
 
     def write(self, stem: str, file_name: str, prediction: Prediction) -> Path:
-        """Write the picture and per-image files of one prediction; returns the picture's (or main file's) path."""
+        """Write the picture and per-image files of one prediction; returns the picture's path."""
         result, image, meta = prediction.result, prediction.image, self.meta
         main = None
         if self.task == "semantic":
@@ -53,16 +53,20 @@ class PredictionWriter:
         elif self.task == "panoptic":
             (self.out_dir / "panoptic").mkdir(exist_ok=True)
             main = self.out_dir / "panoptic" / f"{stem}.png"
-            annotation = write_panoptic(main, None, result, image_id=stem, file_name=file_name,
-                                        category_ids=meta.category_ids)
+            annotation = write_panoptic(
+                main, None, result, image_id=stem, file_name=file_name, category_ids=meta.category_ids
+            )
             self.panoptic_annotations.append(annotation)
             picture = draw_panoptic(image, result.id_map, result.segments, meta) if self.pictures else None
         else:
-            self.instance_results.extend(instances_to_coco(result, image_id=stem, category_ids=meta.category_ids))
+            self.instance_results.extend(
+                instances_to_coco(result, image_id=stem, category_ids=meta.category_ids)
+            )
             main = self.out_dir / "instances.json"
             picture = (
                 draw_instances(image, result.masks, result.classes, result.scores, result.boxes, meta)
-                if self.pictures else None
+                if self.pictures
+                else None
             )
         if picture is not None:
             main = self.out_dir / f"{stem}.{self.task}.png"
@@ -92,8 +96,11 @@ class PredictionWriter:
             categories = [
                 {"id": cid, "name": name, "isthing": int(thing), "color": list(color) if color else None}
                 for cid, name, thing, color in zip(
-                    meta.category_ids, meta.class_names, meta.thing_classes,
-                    meta.colors or [None] * len(meta.class_names), strict=True,
+                    meta.category_ids,
+                    meta.class_names,
+                    meta.thing_classes,
+                    meta.colors or [None] * len(meta.class_names),
+                    strict=True,
                 )
             ]
             write_panoptic_json(self.out_dir / "panoptic.json", self.panoptic_annotations, categories)

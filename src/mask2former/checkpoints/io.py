@@ -39,8 +39,9 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, extra: dict | None = None
+) -> Path:
     """Write `out_dir/model.safetensors` and `out_dir/config.json` (each atomically); returns out_dir.
 
     Buffers that carry no weights (e.g. Swin's relative_position_index) are saved too: loading stays strict.
@@ -48,7 +49,9 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], config: ModelConfig, ou
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "mask2former"}))
+    _atomic_write(
+        out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "mask2former"})
+    )
     document = {"format_version": FORMAT_VERSION, "model": config.to_dict()}
     if extra:
         document.update(extra)
@@ -97,7 +100,7 @@ def _group(keys: list[str], depth: int = 3) -> str:
     for key in sorted(keys):
         parts = key.split(".")
         head = ".".join(parts[:depth]) if len(parts) > depth else ".".join(parts[:-1])
-        tail = key[len(head) + 1:] if head else key
+        tail = key[len(head) + 1 :] if head else key
         groups.setdefault(head, []).append(tail)
     items = []
     for head, tails in groups.items():

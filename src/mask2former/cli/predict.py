@@ -17,17 +17,31 @@ from mask2former.cli import UserError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("predict", help="segment images and write pictures + standard-format results")
+    parser = subparsers.add_parser(
+        "predict", help="segment images and write pictures + standard-format results"
+    )
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--task", choices=["semantic", "instance", "panoptic"], default=None,
-                        help="default: the model's own task")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint: our folder, detectron2 .pkl/.pth, Hugging Face folder or .onnx "
-                             "(default: the bundled model)")
-    parser.add_argument("--preset", default=None,
-                        help="architecture preset (random weights when given without --weights)")
-    parser.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
-                        help="default: onnxruntime for .onnx weights, torch otherwise")
+    parser.add_argument(
+        "--task",
+        choices=["semantic", "instance", "panoptic"],
+        default=None,
+        help="default: the model's own task",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="checkpoint: our folder, detectron2 .pkl/.pth, Hugging Face folder or .onnx "
+        "(default: the bundled model)",
+    )
+    parser.add_argument(
+        "--preset", default=None, help="architecture preset (random weights when given without --weights)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        default=None,
+        help="default: onnxruntime for .onnx weights, torch otherwise",
+    )
     parser.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--device", default="cpu")
@@ -63,7 +77,9 @@ def make_predictor(weights: str | None, preset: str | None, device: str = "cpu",
 
 def describe(predictor) -> str:
     config = predictor.config
-    state = "trained weights" if predictor.trained else "RANDOMLY INITIALISED weights (results are meaningless)"
+    state = (
+        "trained weights" if predictor.trained else "RANDOMLY INITIALISED weights (results are meaningless)"
+    )
     return f"model {config.name} ({config.num_classes} classes) from {predictor.source}: {state}"
 
 
@@ -100,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     stems = _unique_stems(paths)
     progress = tqdm(total=len(paths), unit="img", disable=len(paths) <= 1, file=sys.stderr)
     for start in range(0, len(paths), args.batch_size):
-        chunk = list(zip(paths[start:start + args.batch_size], stems[start:start + args.batch_size], strict=True))
+        chunk = list(
+            zip(paths[start : start + args.batch_size], stems[start : start + args.batch_size], strict=True)
+        )
         loaded = []
         for path, stem in chunk:
             try:

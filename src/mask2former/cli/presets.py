@@ -6,25 +6,31 @@ import argparse
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("presets", help="list the named presets (official model-zoo architectures)")
+    parser = subparsers.add_parser(
+        "presets", help="list the named presets (official model-zoo architectures)"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mask2former.config import PRESETS
 
-    print(f"{'preset':<24} {'task':<9} {'backbone':<22} {'classes':>7} {'things':>6} {'queries':>7}  test size")
+    print(
+        f"{'preset':<24} {'task':<9} {'backbone':<22} {'classes':>7} {'things':>6} {'queries':>7}  test size"
+    )
     for name, make in PRESETS.items():
         config = make()
         bb = config.backbone
         backbone = (
-            f"resnet{sum(bb.layers) * 3 + 2} {tuple(bb.layers)}" if bb.kind == "resnet"
+            f"resnet{sum(bb.layers) * 3 + 2} {tuple(bb.layers)}"
+            if bb.kind == "resnet"
             else f"swin d={bb.embed_dim} {tuple(bb.depths)}"
         )
         inp = config.input
         size = f"{inp.short_edge}/{inp.max_size}" if inp.mode == "official" else "x".join(map(str, inp.size))
         print(
-            f"{name:<24} {config.task:<9} {backbone:<22} {config.num_classes:>7} {sum(config.thing_classes):>6} "
+            f"{name:<24} {config.task:<9} {backbone:<22} {config.num_classes:>7} "
+            f"{sum(config.thing_classes):>6} "
             f"{config.decoder.num_queries:>7}  {size}"
         )
     return 0

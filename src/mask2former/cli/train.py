@@ -1,4 +1,7 @@
-"""`mask2former train`: train a preset or config on a dataset folder; one process or `torchrun -m mask2former train`."""
+"""`mask2former train`: train a preset or config on a dataset folder.
+
+One process, or many with `torchrun --nproc_per_node N -m mask2former train ...`.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +16,25 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model (single process or under torchrun)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="architecture preset (see `mask2former presets`)")
-    source.add_argument("--config", help="a model config JSON (a ModelConfig, or our checkpoint's config.json)")
-    parser.add_argument("--data", required=True, help="dataset folder (synth / COCO panoptic / COCO instance / "
-                                                      "images+labels semantic)")
-    parser.add_argument("--out", required=True, help="output folder: checkpoint.pt, metrics.jsonl, loss.png, model/")
-    parser.add_argument("--init", default=None, help="start from these weights (any supported checkpoint format)")
+    source.add_argument(
+        "--config", help="a model config JSON (a ModelConfig, or our checkpoint's config.json)"
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="dataset folder (synth / COCO panoptic / COCO instance / images+labels semantic)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder: checkpoint.pt, metrics.jsonl, loss.png, model/"
+    )
+    parser.add_argument(
+        "--init", default=None, help="start from these weights (any supported checkpoint format)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--iters", type=int, default=None, help="total optimisation steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="global batch size (split over processes)"
+    )
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--schedule", choices=["poly", "step", "cosine"], default=None)
@@ -41,11 +55,23 @@ def register(subparsers) -> None:
 
 
 OVERRIDES = {
-    "iters": "max_iters", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
-    "schedule": "schedule", "warmup_iters": "warmup_iters", "clip_grad_norm": "clip_grad_norm",
-    "augment": "augment", "crop_size": "crop_size", "min_scale": "min_scale", "max_scale": "max_scale",
-    "num_points": "num_points", "checkpoint_every": "checkpoint_every", "log_every": "log_every", "seed": "seed",
-    "workers": "num_workers", "device": "device",
+    "iters": "max_iters",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "schedule": "schedule",
+    "warmup_iters": "warmup_iters",
+    "clip_grad_norm": "clip_grad_norm",
+    "augment": "augment",
+    "crop_size": "crop_size",
+    "min_scale": "min_scale",
+    "max_scale": "max_scale",
+    "num_points": "num_points",
+    "checkpoint_every": "checkpoint_every",
+    "log_every": "log_every",
+    "seed": "seed",
+    "workers": "num_workers",
+    "device": "device",
 }
 
 
@@ -80,7 +106,7 @@ def _adopt_dataset_classes(config, meta) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mask2former.data.datasets import open_dataset
-    from mask2former.training.trainer import CHECKPOINT_NAME, Trainer, TrainConfig
+    from mask2former.training.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
 
     out_dir = Path(args.out)
     model_config = _model_config(args)
@@ -110,19 +136,29 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--init {args.init}: {error}") from None
         init_weights = init_model.state_dict()
     try:
-        trainer = Trainer(model_config, train_config, dataset, out_dir, init_weights=init_weights,
-                          show_progress=not args.no_progress)
+        trainer = Trainer(
+            model_config,
+            train_config,
+            dataset,
+            out_dir,
+            init_weights=init_weights,
+            show_progress=not args.no_progress,
+        )
     except ValueError as error:
         raise UserError(str(error)) from None
     if trainer.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        saved_config.write_text(json.dumps(vars(train_config) | {"milestones": list(train_config.milestones)},
-                                           indent=1))
+        saved_config.write_text(
+            json.dumps(vars(train_config) | {"milestones": list(train_config.milestones)}, indent=1)
+        )
     if args.resume and trainer.resume() and trainer.rank == 0:
         print(f"resumed from {out_dir / CHECKPOINT_NAME} at step {trainer.step}")
     last = trainer.train()
     if trainer.rank == 0:
-        print(f"trained {model_config.name} for {trainer.step} steps; last loss {last.get('loss', float('nan')):.4f}")
+        print(
+            f"trained {model_config.name} for {trainer.step} steps; "
+            f"last loss {last.get('loss', float('nan')):.4f}"
+        )
         print(f"model written to {out_dir / 'model'} (use --weights {out_dir / 'model'})")
     from mask2former.training.distributed import cleanup
 

@@ -16,7 +16,9 @@ def build_backbone(config: BackboneConfig) -> nn.Module:
     """A backbone returning {"res2".."res5"} features at strides 4..32, with `out_channels`."""
     if config.kind == "resnet":
         return ResNet(
-            layers=tuple(config.layers), stem_channels=config.stem_channels, res2_channels=config.res2_channels,
+            layers=tuple(config.layers),
+            stem_channels=config.stem_channels,
+            res2_channels=config.res2_channels,
         )
     if config.kind == "swin":
         return SwinTransformer(

@@ -1,4 +1,4 @@
-"""torch.distributed plumbing for `torchrun`: process group set-up, rank helpers, a deterministic sharded sampler."""
+"""torch.distributed plumbing for `torchrun`: process group, rank helpers, a deterministic sharded sampler."""
 
 from __future__ import annotations
 

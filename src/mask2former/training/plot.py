@@ -23,7 +23,9 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [rows[step] for step in sorted(rows)]
 
 
-def plot_loss_curve(rows: list[dict], out_path: str | Path, key: str = "loss", size: tuple[int, int] = (640, 360)) -> None:
+def plot_loss_curve(
+    rows: list[dict], out_path: str | Path, key: str = "loss", size: tuple[int, int] = (640, 360)
+) -> None:
     """Draw `key` against `step` on a log-10 y axis and write a PNG atomically."""
     width, height = size
     left, right, top, bottom = 60, 15, 20, 35

@@ -77,7 +77,9 @@ class TrainConfig:
 
 def _seed_of(*parts: int) -> int:
     """A 63-bit seed mixed from integers (stable across processes and runs)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1
+    )
 
 
 def build_augmentation(config: TrainConfig):
@@ -87,8 +89,9 @@ def build_augmentation(config: TrainConfig):
     if config.augment == "none":
         return None
     if config.augment == "lsj":
-        return augment.LargeScaleJitter(size=config.crop_size, min_scale=config.min_scale,
-                                        max_scale=config.max_scale)
+        return augment.LargeScaleJitter(
+            size=config.crop_size, min_scale=config.min_scale, max_scale=config.max_scale
+        )
     if config.augment == "multiscale":
         return augment.ShortestEdgeMultiScale(crop=(config.crop_size, config.crop_size))
     raise ValueError(f"unknown augmentation {config.augment!r} (lsj, multiscale or none)")
@@ -118,12 +121,25 @@ class SeededItems(Dataset):
 
 
 def build_criterion(num_classes: int, config: TrainConfig) -> SetCriterion:
-    matcher = HungarianMatcher(cost_class=config.class_weight, cost_mask=config.mask_weight,
-                               cost_dice=config.dice_weight, num_points=config.num_points)
-    weight_dict = {"loss_ce": config.class_weight, "loss_mask": config.mask_weight, "loss_dice": config.dice_weight}
+    matcher = HungarianMatcher(
+        cost_class=config.class_weight,
+        cost_mask=config.mask_weight,
+        cost_dice=config.dice_weight,
+        num_points=config.num_points,
+    )
+    weight_dict = {
+        "loss_ce": config.class_weight,
+        "loss_mask": config.mask_weight,
+        "loss_dice": config.dice_weight,
+    }
     return SetCriterion(
-        num_classes, matcher, weight_dict, eos_coef=config.no_object_weight, num_points=config.num_points,
-        oversample_ratio=config.oversample_ratio, importance_sample_ratio=config.importance_sample_ratio,
+        num_classes,
+        matcher,
+        weight_dict,
+        eos_coef=config.no_object_weight,
+        num_points=config.num_points,
+        oversample_ratio=config.oversample_ratio,
+        importance_sample_ratio=config.importance_sample_ratio,
     )
 
 
@@ -149,8 +165,15 @@ def collate_with_seeds(items: list[dict]) -> dict:
 class Trainer:
     """Trains `model_config` on `dataset` into `out_dir` (checkpoint.pt, metrics.jsonl, loss.png, model/)."""
 
-    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset, out_dir: str | Path,
-                 init_weights: dict[str, torch.Tensor] | None = None, show_progress: bool = True):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        dataset: Dataset,
+        out_dir: str | Path,
+        init_weights: dict[str, torch.Tensor] | None = None,
+        show_progress: bool = True,
+    ):
         from mask2former.modeling.build import build_model
 
         self.model_config = model_config
@@ -159,7 +182,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.rank, self.world_size = dist_utils.init_from_environment(train_config.device)
         if train_config.batch_size % self.world_size:
-            raise ValueError(f"--batch-size {train_config.batch_size} is not divisible by {self.world_size} processes")
+            raise ValueError(
+                f"--batch-size {train_config.batch_size} is not divisible by {self.world_size} processes"
+            )
         self.local_batch = train_config.batch_size // self.world_size
         self.device = torch.device(train_config.device)
         torch.manual_seed(train_config.seed)  # identical initial weights on every process
@@ -171,14 +196,17 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.optimizer = build_optimizer(self.model, train_config.lr, train_config.weight_decay,
-                                         train_config.backbone_multiplier)
+        self.optimizer = build_optimizer(
+            self.model, train_config.lr, train_config.weight_decay, train_config.backbone_multiplier
+        )
         self.criterion = build_criterion(model_config.num_classes, train_config).to(self.device)
         self.use_amp = train_config.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.sampler = dist_utils.ShardedSampler(len(dataset), train_config.seed, self.rank, self.world_size)
         if self.sampler.batches_per_epoch(self.local_batch) == 0:
-            raise ValueError(f"the dataset has {len(dataset)} images: fewer than one batch of {train_config.batch_size}")
+            raise ValueError(
+                f"the dataset has {len(dataset)} images: fewer than one batch of {train_config.batch_size}"
+            )
         self.items = SeededItems(dataset, build_augmentation(train_config), train_config.seed)
         self.step = 0
         self.show_progress = show_progress and self.rank == 0
@@ -216,15 +244,27 @@ class Trainer:
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
         batches = list(self.sampler.batches(epoch, self.local_batch))[skip_batches:]
         keyed = [[(epoch, index) for index in batch] for batch in batches]
-        return DataLoader(self.items, batch_sampler=keyed, num_workers=self.config.num_workers,
-                          collate_fn=collate_with_seeds, persistent_workers=False)
+        return DataLoader(
+            self.items,
+            batch_sampler=keyed,
+            num_workers=self.config.num_workers,
+            collate_fn=collate_with_seeds,
+            persistent_workers=False,
+        )
 
     def train_step(self, batch: dict) -> dict[str, float]:
         config = self.config
-        set_learning_rate(self.optimizer, lr_factor(
-            self.step, config.max_iters, config.schedule, config.poly_power, config.milestones,
-            warmup_iters=config.warmup_iters,
-        ))
+        set_learning_rate(
+            self.optimizer,
+            lr_factor(
+                self.step,
+                config.max_iters,
+                config.schedule,
+                config.poly_power,
+                config.milestones,
+                warmup_iters=config.warmup_iters,
+            ),
+        )
         torch.manual_seed(_seed_of(config.seed, 3, self.step, self.rank))
         images = batch["images"].to(self.device)
         targets = [
@@ -260,8 +300,14 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         dist_utils.barrier()
         per_epoch = self.sampler.batches_per_epoch(self.local_batch)
-        progress = tqdm(total=config.max_iters, initial=self.step, disable=not self.show_progress,
-                        unit="it", dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(
+            total=config.max_iters,
+            initial=self.step,
+            disable=not self.show_progress,
+            unit="it",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         metrics_path = self.out_dir / "metrics.jsonl"
         last: dict = {}
         started = time.perf_counter()
@@ -272,8 +318,12 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
                 if self.step % config.log_every == 0 or self.step == config.max_iters:
-                    last = {"step": self.step, "epoch": epoch, **record,
-                            "seconds": round(time.perf_counter() - started, 2)}
+                    last = {
+                        "step": self.step,
+                        "epoch": epoch,
+                        **record,
+                        "seconds": round(time.perf_counter() - started, 2),
+                    }
                     if self.rank == 0:
                         with open(metrics_path, "a") as handle:
                             handle.write(json.dumps(last) + "\n")
@@ -285,8 +335,12 @@ class Trainer:
                     break
         progress.close()
         if self.rank == 0:
-            save_checkpoint(self.model.state_dict(), self.model_config, self.out_dir / "model",
-                            extra={"trained_steps": self.step, "train_config": asdict(config)})
+            save_checkpoint(
+                self.model.state_dict(),
+                self.model_config,
+                self.out_dir / "model",
+                extra={"trained_steps": self.step, "train_config": asdict(config)},
+            )
         dist_utils.barrier()
         return last
 
