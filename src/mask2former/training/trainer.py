@@ -98,11 +98,16 @@ def build_augmentation(config: TrainConfig):
 
 
 class SeededItems(Dataset):
-    """Wraps a dataset so item (epoch, index) is augmented with its own seeded Generator."""
+    """Serves item (epoch, index): the dataset augments it with the Generator of (seed, epoch, index).
+
+    The dataset's own `transform` / `seed` / `set_epoch` mechanism does the augmentation; keying items by
+    (epoch, index) makes that independent of which worker process loads them.
+    """
 
     def __init__(self, dataset: Dataset, augmentation, seed: int):
         self.dataset = dataset
-        self.augmentation = augmentation
+        self.dataset.transform = augmentation
+        self.dataset.seed = seed
         self.seed = seed
 
     def __len__(self) -> int:
@@ -110,12 +115,8 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
+        self.dataset.set_epoch(epoch)
         item = dict(self.dataset[index])
-        if self.augmentation is not None:
-            rng = np.random.default_rng(_seed_of(self.seed, 1, epoch, index))
-            item["image"], item["masks"], item["labels"] = self.augmentation(
-                item["image"], item["masks"], item["labels"], rng
-            )
         item["point_seed"] = _seed_of(self.seed, 2, epoch, index)
         return item
 
