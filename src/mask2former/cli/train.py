@@ -37,6 +37,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument(
+        "--backbone-multiplier",
+        type=float,
+        default=None,
+        help="learning-rate factor of the backbone (official 0.1 for a pretrained backbone)",
+    )
     parser.add_argument("--schedule", choices=["poly", "step", "cosine"], default=None)
     parser.add_argument("--warmup-iters", type=int, default=None)
     parser.add_argument("--clip-grad-norm", type=float, default=None)
@@ -59,6 +65,7 @@ OVERRIDES = {
     "batch_size": "batch_size",
     "lr": "lr",
     "weight_decay": "weight_decay",
+    "backbone_multiplier": "backbone_multiplier",
     "schedule": "schedule",
     "warmup_iters": "warmup_iters",
     "clip_grad_norm": "clip_grad_norm",

@@ -35,10 +35,14 @@ def ms_deform_attn_reference(
     sampled = []
     for level, (height, width) in enumerate(spatial_shapes):
         # (B, H*W, M, D) -> (B*M, D, H, W)
-        value_l = value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, height, width)
+        value_l = (
+            value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, height, width)
+        )
         # (B, Lq, M, P, 2) -> (B*M, Lq, P, 2)
         grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
     # (B*M, D, Lq, L*P) weighted by (B*M, 1, Lq, L*P)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, levels * points)
@@ -110,8 +114,11 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         # Offsets are in pixels of each level: divide by that level's (W, H).
-        normalizer = torch.tensor([[float(w), float(h)] for h, w in spatial_shapes], dtype=query.dtype,
-                                  device=query.device)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        normalizer = torch.tensor(
+            [[float(w), float(h)] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
+        )
+        locations = (
+            reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        )
         output = ms_deform_attn(value, spatial_shapes, locations, weights)
         return self.output_proj(output)

@@ -1,4 +1,4 @@
-"""The MSDeformAttn pixel decoder: a deformable-attention encoder over 1/32, 1/16, 1/8 plus one FPN step to 1/4.
+"""The MSDeformAttn pixel decoder: deformable-attention encoder over 1/32, 1/16, 1/8, one FPN step to 1/4.
 
 Key names match the official `sem_seg_head.pixel_decoder.*` so detectron2 checkpoints load by name.
 """
@@ -16,8 +16,9 @@ from mask2former.modeling.layers import Conv2d, PositionEmbeddingSine, c2_xavier
 class MSDeformAttnEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention then FFN, each with residual + LayerNorm."""
 
-    def __init__(self, d_model: int = 256, ffn_dim: int = 1024, n_levels: int = 3, n_heads: int = 8,
-                 n_points: int = 4):
+    def __init__(
+        self, d_model: int = 256, ffn_dim: int = 1024, n_levels: int = 3, n_heads: int = 8, n_points: int = 4
+    ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm1 = nn.LayerNorm(d_model)
@@ -25,8 +26,13 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
         """src, pos (B, S, C); reference_points (B, S, L, 2) -> (B, S, C)."""
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
         return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
@@ -35,7 +41,9 @@ class MSDeformAttnEncoderLayer(nn.Module):
 class MSDeformAttnEncoder(nn.Module):
     """The encoder stack plus the learned level embedding (keys `level_embed`, `encoder.layers.{i}`)."""
 
-    def __init__(self, d_model: int, ffn_dim: int, num_layers: int, n_levels: int, n_heads: int, n_points: int):
+    def __init__(
+        self, d_model: int, ffn_dim: int, num_layers: int, n_levels: int, n_heads: int, n_points: int
+    ):
         super().__init__()
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         self.encoder = nn.Module()
@@ -51,8 +59,9 @@ class MSDeformAttnEncoder(nn.Module):
         nn.init.normal_(self.level_embed)
 
 
-def reference_points(spatial_shapes: list[tuple[int, int]], batch: int, n_levels: int,
-                     device: torch.device) -> torch.Tensor:
+def reference_points(
+    spatial_shapes: list[tuple[int, int]], batch: int, n_levels: int, device: torch.device
+) -> torch.Tensor:
     """Pixel centres ((j + 0.5) / W, (i + 0.5) / H) of every level -> (B, S, n_levels, 2).
 
     Valid ratios are all 1 (no padding mask), so every level sees the same normalised point.
@@ -74,10 +83,19 @@ class MSDeformAttnPixelDecoder(nn.Module):
     `transformer_in_features`; lower levels are reached by FPN steps (one, for res2, by default).
     """
 
-    def __init__(self, in_channels: dict[str, int], conv_dim: int = 256, mask_dim: int = 256,
-                 num_encoder_layers: int = 6, num_heads: int = 8, num_points: int = 4, ffn_dim: int = 1024,
-                 num_groups: int = 32, transformer_in_features: tuple[str, ...] = ("res3", "res4", "res5"),
-                 common_stride: int = 4):
+    def __init__(
+        self,
+        in_channels: dict[str, int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_encoder_layers: int = 6,
+        num_heads: int = 8,
+        num_points: int = 4,
+        ffn_dim: int = 1024,
+        num_groups: int = 32,
+        transformer_in_features: tuple[str, ...] = ("res3", "res4", "res5"),
+        common_stride: int = 4,
+    ):
         super().__init__()
         strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
         self.in_features = sorted(in_channels, key=lambda name: strides[name])
@@ -85,26 +103,38 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.num_levels = len(self.transformer_in_features)
         # Projections are listed from the coarsest level (res5) down, as in the official module.
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels[name], conv_dim, kernel_size=1), group_norm(conv_dim, num_groups))
+            nn.Sequential(
+                nn.Conv2d(in_channels[name], conv_dim, kernel_size=1), group_norm(conv_dim, num_groups)
+            )
             for name in reversed(self.transformer_in_features)
         )
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
-        self.transformer = MSDeformAttnEncoder(conv_dim, ffn_dim, num_encoder_layers, self.num_levels, num_heads,
-                                               num_points)
+        self.transformer = MSDeformAttnEncoder(
+            conv_dim, ffn_dim, num_encoder_layers, self.num_levels, num_heads, num_points
+        )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         c2_xavier_fill(self.mask_features)
         # FPN steps for the levels finer than the encoder's (res2 only when common_stride is 4).
         min_stride = strides[self.transformer_in_features[0]]
-        self.fpn_features = [name for name in self.in_features if strides[name] < min_stride
-                             and strides[name] >= common_stride]
+        self.fpn_features = [
+            name for name in self.in_features if strides[name] < min_stride and strides[name] >= common_stride
+        ]
         for index, name in enumerate(reversed(self.fpn_features), start=1):
-            lateral = Conv2d(in_channels[name], conv_dim, kernel_size=1, bias=False,
-                             norm=group_norm(conv_dim, num_groups))
-            output = Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=False,
-                            norm=group_norm(conv_dim, num_groups), activation=F.relu)
+            lateral = Conv2d(
+                in_channels[name], conv_dim, kernel_size=1, bias=False, norm=group_norm(conv_dim, num_groups)
+            )
+            output = Conv2d(
+                conv_dim,
+                conv_dim,
+                kernel_size=3,
+                padding=1,
+                bias=False,
+                norm=group_norm(conv_dim, num_groups),
+                activation=F.relu,
+            )
             c2_xavier_fill(lateral)
             c2_xavier_fill(output)
             self.add_module(f"adapter_{index}", lateral)
@@ -125,7 +155,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             pos = torch.cat(
                 [
                     (self.pe_layer(level) + self.transformer.level_embed[index].view(1, -1, 1, 1))
-                    .flatten(2).transpose(1, 2)
+                    .flatten(2)
+                    .transpose(1, 2)
                     for index, level in enumerate(levels)
                 ],
                 1,
@@ -135,12 +166,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for layer in self.transformer.encoder.layers:
                 memory = layer(memory, pos, refs, spatial_shapes)
             outputs = []
-            for chunk, (height, width) in zip(memory.split([h * w for h, w in spatial_shapes], dim=1),
-                                              spatial_shapes, strict=True):
+            for chunk, (height, width) in zip(
+                memory.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes, strict=True
+            ):
                 outputs.append(chunk.transpose(1, 2).reshape(batch, -1, height, width))
             for index, name in enumerate(reversed(self.fpn_features), start=1):
                 lateral = getattr(self, f"adapter_{index}")(features[name].float())
-                upsampled = F.interpolate(outputs[-1], size=lateral.shape[-2:], mode="bilinear",
-                                          align_corners=False)
+                upsampled = F.interpolate(
+                    outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+                )
                 outputs.append(getattr(self, f"layer_{index}")(lateral + upsampled))
             return self.mask_features(outputs[-1]), outputs[: self.num_levels]
