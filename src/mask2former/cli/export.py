@@ -1,0 +1,131 @@
+"""`mask2former export`: an ONNX graph plus its sidecar JSON, checked against the eager model.
+
+    mask2former export --format onnx --size 512x512 [--dynamic] [--fp16] [--opset 17] --out model.onnx
+
+Weights: --weights (any supported checkpoint), else --preset with random weights, else the bundled model
+(a random synth-tiny before it is trained; said plainly).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mask2former.cli import UserError
+from mask2former.cli.ops import parse_size
+
+FORMATS = ("onnx",)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export to ONNX (fixed or dynamic size, fp32 or fp16) with a parity report"
+    )
+    parser.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
+    parser.add_argument(
+        "--preset", default=None, help="architecture preset (random weights when given without --weights)"
+    )
+    parser.add_argument("--format", default="onnx", help="export format (only onnx)")
+    parser.add_argument(
+        "--size",
+        default=None,
+        help="HxW input size, multiples of 32 (required for a fixed graph; the traced size with --dynamic)",
+    )
+    parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="half precision (the pixel decoder stays float32, as the official AMP)",
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
+    parser.add_argument("--out", required=True, help="output .onnx file (the sidecar is OUT.json)")
+    parser.add_argument(
+        "--image", default=None, help="image for the parity report (default: the package's example photo)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the parity run")
+    parser.set_defaults(func=run)
+
+
+def load_for_export(weights: str | None, preset: str | None):
+    """(model, config, trained, source description) for --weights / --preset (one-line errors)."""
+    from pathlib import Path
+
+    import mask2former
+    from mask2former.api import BUNDLED_PRESET, has_bundled_model, load_model
+    from mask2former.checkpoints.io import CheckpointError
+
+    try:
+        if weights is None and preset is not None:
+            config = mask2former.get_preset(preset)
+            return mask2former.build(config, seed=0), config, False, f"preset {preset} (random init, seed 0)"
+        if weights is None and not has_bundled_model():
+            config = mask2former.get_preset(BUNDLED_PRESET)
+            source = f"random init {BUNDLED_PRESET} (seed 0): no trained bundled model in this install"
+            return mask2former.build(config, seed=0), config, False, source
+        if weights is not None and not Path(weights).exists():
+            raise UserError(f"--weights {weights}: no such file or folder")
+        model, config = load_model(weights, preset)
+        return model, config, True, str(weights) if weights else "bundled model"
+    except (CheckpointError, ValueError) as error:
+        raise UserError(str(error).splitlines()[0]) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mask2former.export.onnx import MAX_OPSET, MIN_OPSET, check_options
+    from mask2former.export.runtime import ExportError, require
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format {args.format}: unknown export format (supported: {', '.join(FORMATS)})")
+    size = parse_size(args.size)
+    if size is None and not args.dynamic:
+        raise UserError("--size HxW is required for a fixed-size graph (or pass --dynamic)")
+    if not str(args.out).endswith(".onnx"):
+        raise UserError(f"--out {args.out}: the file name must end in .onnx")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
+    try:
+        require("onnx")
+        require("onnxruntime")
+        if size is not None:
+            check_options(size, args.opset)
+        elif not MIN_OPSET <= args.opset <= MAX_OPSET:
+            check_options((32, 32), args.opset)
+    except ExportError as error:
+        raise UserError(str(error)) from None
+    if args.image is not None and not Path(args.image).is_file():
+        raise UserError(f"--image {args.image}: no such file")
+    model, config, trained, source = load_for_export(args.weights, args.preset)
+    if size is None:  # a dynamic graph traced at the model's own test size, rounded up to the padding
+        step = config.input.size_divisibility
+        side = -(-config.input.short_edge // step) * step
+        size = (side, side)
+    from mask2former.export.onnx import export_onnx
+    from mask2former.export.runtime import sidecar_path
+
+    kind = f"{'dynamic' if args.dynamic else 'fixed'} {size[0]}x{size[1]} {'fp16' if args.fp16 else 'fp32'}"
+    print(f"exporting {config.name} from {source} to ONNX ({kind}, opset {args.opset})")
+    if not trained:
+        print("note: RANDOMLY INITIALISED weights: the graph is correct but its predictions are meaningless")
+    try:
+        sidecar = export_onnx(
+            model,
+            config,
+            args.out,
+            size,
+            dynamic=args.dynamic,
+            fp16=args.fp16,
+            opset=args.opset,
+            trained=trained,
+            source=source,
+            image=args.image,
+            threads=args.threads,
+        )
+    except ExportError as error:
+        raise UserError(str(error)) from None
+    counts = sidecar["op_counts"]
+    print(
+        f"wrote {args.out} ({sum(counts.values())} nodes, {counts.get('GridSample', 0)} GridSample) "
+        f"and {sidecar_path(args.out)}"
+    )
+    return 0
