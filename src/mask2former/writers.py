@@ -40,6 +40,7 @@ class PredictionWriter:
         self.pictures = pictures
         self.panoptic_annotations: list[dict] = []
         self.instance_results: list[dict] = []
+        self.images: list[dict] = []
 
     def write(self, stem: str, file_name: str, prediction: Prediction) -> Path:
         """Write the picture and per-image files of one prediction; returns the picture's path."""
@@ -53,10 +54,11 @@ class PredictionWriter:
         elif self.task == "panoptic":
             (self.out_dir / "panoptic").mkdir(exist_ok=True)
             main = self.out_dir / "panoptic" / f"{stem}.png"
-            annotation = write_panoptic(
-                main, None, result, image_id=stem, file_name=file_name, category_ids=meta.category_ids
-            )
+            # COCO panoptic: the annotation names the PNG; the "images" entry names the photo
+            annotation = write_panoptic(main, None, result, image_id=stem, category_ids=meta.category_ids)
             self.panoptic_annotations.append(annotation)
+            height, width = image.shape[:2]
+            self.images.append({"id": stem, "file_name": file_name, "height": height, "width": width})
             picture = draw_panoptic(image, result.id_map, result.segments, meta) if self.pictures else None
         else:
             self.instance_results.extend(
@@ -103,6 +105,8 @@ class PredictionWriter:
                     strict=True,
                 )
             ]
-            write_panoptic_json(self.out_dir / "panoptic.json", self.panoptic_annotations, categories)
+            write_panoptic_json(
+                self.out_dir / "panoptic.json", self.panoptic_annotations, categories, images=self.images
+            )
         elif self.task == "instance":
             write_json(self.out_dir / "instances.json", self.instance_results)

@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from mask2former.config import PRESETS
 
     print(
-        f"{'preset':<24} {'task':<9} {'backbone':<22} {'classes':>7} {'things':>6} {'queries':>7}  test size"
+        f"{'preset':<24} {'task':<9} {'backbone':<26} {'classes':>7} {'things':>6} {'queries':>7}  test size"
     )
     for name, make in PRESETS.items():
         config = make()
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         inp = config.input
         size = f"{inp.short_edge}/{inp.max_size}" if inp.mode == "official" else "x".join(map(str, inp.size))
         print(
-            f"{name:<24} {config.task:<9} {backbone:<22} {config.num_classes:>7} "
+            f"{name:<24} {config.task:<9} {backbone:<26} {config.num_classes:>7} "
             f"{sum(config.thing_classes):>6} "
             f"{config.decoder.num_queries:>7}  {size}"
         )
