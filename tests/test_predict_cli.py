@@ -47,7 +47,9 @@ def test_predict_writes_pictures_and_standard_files(inputs, tmp_path, capsys, ta
         ids = read_panoptic_png(out / "panoptic" / "chelsea.png")
         assert ids.shape == (300, 451)
         listed = {s["id"] for s in document["annotations"][0]["segments_info"]}
-        assert set(np.unique(ids)) - {0} <= listed | {s["id"] for s in document["annotations"][1]["segments_info"]}
+        assert set(np.unique(ids)) - {0} <= listed | {
+            s["id"] for s in document["annotations"][1]["segments_info"]
+        }
     elif task == "semantic":
         labels = np.asarray(Image.open(out / "semantic" / "rocket.png"))
         assert labels.shape == (427, 640)
@@ -59,8 +61,20 @@ def test_predict_writes_pictures_and_standard_files(inputs, tmp_path, capsys, ta
 
 def test_predict_glob_and_batch(inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["predict", str(inputs / "*.png"), str(inputs / "rocket.jpg"), "--out", str(out),
-                 "--preset", "synth-tiny", "--batch-size", "2", "--no-picture"])
+    code = main(
+        [
+            "predict",
+            str(inputs / "*.png"),
+            str(inputs / "rocket.jpg"),
+            "--out",
+            str(out),
+            "--preset",
+            "synth-tiny",
+            "--batch-size",
+            "2",
+            "--no-picture",
+        ]
+    )
     assert code == 1  # notes.png matched the glob and is not an image
     assert (out / "panoptic" / "chelsea.png").exists() and (out / "panoptic" / "rocket.png").exists()
     assert "segmented 2 of 3 images" in capsys.readouterr().out
@@ -70,10 +84,24 @@ def test_predict_user_errors(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.jpg" in err[0]
-    assert main(["predict", str(DATA / "chelsea.png"), "--weights", str(tmp_path / "nope"),
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(DATA / "chelsea.png"),
+                "--weights",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "nope" in capsys.readouterr().err
-    assert main(["predict", str(DATA / "chelsea.png"), "--preset", "no-such-preset", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["predict", str(DATA / "chelsea.png"), "--preset", "no-such-preset", "--out", str(tmp_path)])
+        == 2
+    )
     assert "known presets" in capsys.readouterr().err
 
 
