@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from mask2former.config import get_preset  # noqa: E402
 from mask2former.export.onnx import export_onnx  # noqa: E402
 from mask2former.export.ops import (  # noqa: E402
+    _einsum_macs,
     float64_locations,
     forbidden_ops,
     format_table,
@@ -72,6 +73,11 @@ def test_macs_of_each_matrix_op_are_exact():
     assert inventory.unknown == {} and inventory.input_shape == [1, 3, 6, 10]
     table = format_table(inventory)
     assert "Conv" in table and "total" in table
+
+
+def test_einsum_with_ellipsis_is_left_unknown():
+    assert _einsum_macs("bqc,bchw->bqhw", [[1, 2, 3], [1, 3, 4, 5]]) == 2 * 3 * 4 * 5
+    assert _einsum_macs("...c,...c->...", [[2, 3], [2, 3]]) is None
 
 
 def test_dynamic_graph_needs_a_size_and_static_graph_keeps_its_own():

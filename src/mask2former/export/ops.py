@@ -155,13 +155,14 @@ def _probe_shapes(model, names: list[str]) -> dict[str, list[int]]:
     return {name: list(value.shape) for name, value in zip(names, values, strict=True)}
 
 
-def _einsum_macs(equation: str, shapes: list[list[int]]) -> int:
-    """Product of the sizes of every index letter: one multiply-add per point of the joint index space."""
+def _einsum_macs(equation: str, shapes: list[list[int]]) -> int | None:
+    """Product of the sizes of every index letter: one multiply-add per point of the joint index space.
+    None for equations with an ellipsis (their letters do not name every axis)."""
     inputs = equation.replace(" ", "").split("->")[0].split(",")
     sizes: dict[str, int] = {}
     for letters, shape in zip(inputs, shapes, strict=True):
         if "..." in letters or len(letters) != len(shape):
-            raise ValueError(f"einsum {equation!r}: ellipsis or rank mismatch")
+            return None
         sizes.update(zip(letters, shape, strict=True))
     return int(np.prod(list(sizes.values()), dtype=np.int64))
 
@@ -204,7 +205,10 @@ def op_inventory(model, size: tuple[int, int] | None = None, batch: int = 1) -> 
         {n for node in mac_nodes for n in [*node.input, node.output[0]] if n and n not in shapes}
     )
     if missing:
-        shapes.update(_probe_shapes(inferred, missing))
+        try:
+            shapes.update(_probe_shapes(inferred, missing))
+        except ExportError:  # no onnxruntime: those nodes stay "unknown" in the inventory
+            missing = []
     macs: Counter[str] = Counter()
     unknown: Counter[str] = Counter()
     for node in mac_nodes:
