@@ -80,7 +80,7 @@ def _write_png(path: PathLike, array: np.ndarray) -> Path:
 
 def _category_lookup(category_ids: Sequence[int] | None, classes: np.ndarray, argument: str) -> np.ndarray:
     """Contiguous class indices -> dataset ids (identity without category_ids), checking the range."""
-    classes = np.asarray(classes)
+    classes = np.asarray(classes, dtype=np.int64)  # an empty list would be float64, not an index array
     if category_ids is None:
         return classes.astype(np.int64)
     lookup = np.asarray(category_ids, dtype=np.int64)
