@@ -1,0 +1,203 @@
+"""`mask2former eval`: score predictions with the reference metrics (PQ, mIoU, mask AP).
+
+From files (no model):
+  --task panoptic --pred-json P.json --pred-dir P/ --gt-json G.json --gt-dir G/
+  --task semantic --pred-dir P/ --gt-dir G/ --num-classes N [--ignore-label 255]
+  --task instance --pred-json P.json --gt-json G.json
+From a model over a dataset: --weights W --data DIR --task ...
+
+Prints a table and, with --out DIR, writes DIR/metrics.json (NaN written as null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mask2former.cli import UserError
+
+_FILE_ARGUMENTS = {
+    "panoptic": ("pred_json", "pred_dir", "gt_json", "gt_dir"),
+    "semantic": ("pred_dir", "gt_dir", "num_classes"),
+    "instance": ("pred_json", "gt_json"),
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="score predictions: PQ (panopticapi rules), mIoU (detectron2), mask AP (pycocotools)"
+    )
+    parser.add_argument("--task", choices=["panoptic", "semantic", "instance"], required=True)
+    files = parser.add_argument_group("prediction files")
+    files.add_argument("--pred-json", help="panoptic: COCO panoptic JSON; instance: COCO results JSON")
+    files.add_argument("--pred-dir", help="panoptic PNGs, or semantic label PNGs")
+    files.add_argument("--gt-json", help="panoptic: COCO panoptic JSON; instance: COCO instances JSON")
+    files.add_argument("--gt-dir", help="ground-truth panoptic PNGs, or semantic label PNGs (same names)")
+    files.add_argument("--num-classes", type=int, help="semantic: number of classes (labels 0..N-1)")
+    files.add_argument(
+        "--ignore-label", type=int, default=255, help="semantic: label not scored (default 255)"
+    )
+    model = parser.add_argument_group("model over a dataset")
+    model.add_argument("--weights", help="checkpoint to run (see `mask2former predict --help`)")
+    model.add_argument("--data", help="dataset folder with ground truth")
+    model.add_argument("--preset", help="architecture preset for --weights")
+    model.add_argument("--device", default="cpu")
+    model.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument("--out", help="folder for metrics.json (created if missing)")
+    parser.add_argument("--per-class", action="store_true", help="also print the per-class table")
+    parser.add_argument("--verbose", action="store_true", help="show COCOeval's own output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def evaluate_files(args: argparse.Namespace) -> dict:
+    """Metrics of prediction files named by the --pred-* / --gt-* arguments."""
+    from mask2former.evaluation import EvaluationError, files
+
+    missing = [name for name in _FILE_ARGUMENTS[args.task] if getattr(args, name) is None]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise UserError(f"--task {args.task} from files needs {flags} (or --weights and --data)")
+    progress = not args.no_progress
+    try:
+        if args.task == "panoptic":
+            return files.evaluate_panoptic_files(
+                args.pred_json, args.pred_dir, args.gt_json, args.gt_dir, progress
+            )
+        if args.task == "semantic":
+            if args.num_classes < 1:
+                raise UserError(f"--num-classes {args.num_classes}: must be at least 1")
+            if 0 <= args.ignore_label < args.num_classes:
+                raise UserError(
+                    f"--ignore-label {args.ignore_label} is a class index (--num-classes {args.num_classes})"
+                )
+            return files.evaluate_semantic_files(
+                args.pred_dir, args.gt_dir, args.num_classes, args.ignore_label, progress=progress
+            )
+        return files.evaluate_instance_files(args.pred_json, args.gt_json, verbose=args.verbose)
+    except EvaluationError as error:
+        raise UserError(str(error)) from None
+    except ModuleNotFoundError as error:
+        if "pycocotools" not in str(error):
+            raise
+        raise UserError(str(error)) from None
+
+
+def evaluate_model(
+    weights: str | None,
+    data: str | None,
+    task: str,
+    preset: str | None = None,
+    device: str = "cpu",
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run a model over a dataset and score it; returns the same dict as the file evaluation.
+
+    To be wired to the Predictor and the dataset readers: per image, feed the task's result and ground
+    truth to mask2former.evaluation's SemanticEvaluator.update / PanopticEvaluator.update_result /
+    InstanceEvaluator.update, then compute().
+    """
+    raise UserError("model evaluation not available yet")
+
+
+def _number(value: Any) -> str:
+    return "    nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:7.2f}"
+
+
+def format_table(task: str, metrics: dict, per_class: bool = False) -> str:
+    """The metrics as a text table (percent)."""
+    lines = []
+    if task == "panoptic":
+        lines.append(f"{'':10s}|{'PQ':>7s}{'SQ':>7s}{'RQ':>7s}{'N':>6s}")
+        lines.append("-" * 37)
+        for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            row = "".join(_number(metrics[key + suffix]) for key in ("PQ", "SQ", "RQ"))
+            lines.append(f"{name:10s}|{row}{metrics['n' + suffix]:6d}")
+        columns = ("PQ", "SQ", "RQ", "TP", "FP", "FN")
+    elif task == "semantic":
+        keys = ("mIoU", "fwIoU", "pACC", "mACC")
+        lines.append("".join(f"{key:>7s}" for key in keys))
+        lines.append("".join(_number(metrics[key]) for key in keys))
+        columns = ("IoU", "ACC")
+    else:
+        keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        lines.append("".join(f"{key:>7s}" for key in keys))
+        lines.append("".join(_number(metrics[key]) for key in keys))
+        columns = ("AP",)
+    if per_class:
+        lines.append("")
+        lines.append(f"{'id':>6s} {'name':24s}" + "".join(f"{c:>7s}" for c in columns))
+        for key, row in metrics["per_class"].items():
+            cells = "".join(f"{row[c]:7d}" if isinstance(row[c], int) else _number(row[c]) for c in columns)
+            lines.append(f"{key:>6s} {str(row['name'])[:24]:24s}{cells}")
+    lines.append(f"({metrics['images']} images)")
+    return "\n".join(lines)
+
+
+def _without_nan(value: Any) -> Any:
+    """JSON has no NaN: undefined metrics (class absent from the ground truth, ...) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
+    """Write out_dir/metrics.json through a temporary file renamed into place."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({error.strerror or error})") from None
+    target = out_dir / "metrics.json"
+    data = json.dumps(_without_nan(metrics), indent=2, allow_nan=False) + "\n"
+    try:
+        descriptor, temp = tempfile.mkstemp(dir=out_dir, prefix=".metrics.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"--out {out_dir}: cannot write ({error.strerror or error})") from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(data)
+        os.chmod(temp, 0o644)  # mkstemp makes it private; metrics are an ordinary file
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.weights is not None or args.data is not None:
+        given = [
+            name
+            for names in _FILE_ARGUMENTS.values()
+            for name in names
+            if name != "num_classes" and getattr(args, name) is not None
+        ]
+        if given:
+            raise UserError("give either prediction files or --weights/--data, not both")
+        metrics = evaluate_model(
+            args.weights,
+            args.data,
+            args.task,
+            args.preset,
+            args.device,
+            args.limit,
+            progress=not args.no_progress,
+        )
+    else:
+        metrics = evaluate_files(args)
+    metrics = {"task": args.task, **metrics}
+    print(format_table(args.task, metrics, per_class=args.per_class))
+    if args.out is not None:
+        print(f"wrote {write_metrics(args.out, metrics)}")
+    return 0

@@ -1,0 +1,204 @@
+"""Score prediction files that already exist (no model): COCO panoptic, semantic label PNGs, COCO results.
+
+Every problem with a file is an EvaluationError whose one-line message names the file and the image or
+segment id. The rules are the reference tools' (see panoptic.py, semantic.py, instance.py) with one
+strictness added: a segment listed in a JSON but absent from its PNG is an error for the ground truth too
+(panopticapi would count it as a false negative), since it means the JSON and the PNG disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mask2former.evaluation import EvaluationError
+from mask2former.evaluation.instance import InstanceEvaluator
+from mask2former.evaluation.panoptic import PanopticEvaluator
+from mask2former.evaluation.semantic import SemanticEvaluator
+
+PathLike = str | os.PathLike
+
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what a truncated or corrupt PNG raises
+
+
+def read_json(path: PathLike) -> Any:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: no such file") from None
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvaluationError(f"{path}: cannot read ({error})") from None
+
+
+def _open_png(path: Path, panoptic: bool) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            # A panoptic PNG stores ids as colours; a label PNG (L, P, I;16) stores the labels themselves.
+            return np.asarray(image.convert("RGB") if panoptic else image)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: no such file") from None
+    except _PIL_ERRORS as error:
+        raise EvaluationError(f"{path}: cannot read the PNG ({error})") from None
+
+
+def read_panoptic_ids(path: PathLike) -> np.ndarray:
+    """COCO panoptic PNG -> (H, W) int32 segment ids, id = R + 256 G + 256^2 B (0 = VOID)."""
+    rgb = _open_png(Path(path), panoptic=True).astype(np.int32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def read_labels(path: PathLike) -> np.ndarray:
+    """Single-channel label PNG (8 or 16 bit, or palette indices) -> (H, W) int array."""
+    labels = _open_png(Path(path), panoptic=False)
+    if labels.ndim != 2:
+        raise EvaluationError(f"{path}: expected a single-channel label PNG, got shape {labels.shape}")
+    return labels
+
+
+def _annotations(obj: Any, path: Path) -> list[dict]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("annotations"), list):
+        raise EvaluationError(f"{path}: no 'annotations' list (COCO panoptic format)")
+    for i, annotation in enumerate(obj["annotations"]):
+        if (
+            not isinstance(annotation, dict)
+            or "file_name" not in annotation
+            or not isinstance(annotation.get("segments_info"), list)
+        ):
+            raise EvaluationError(f"{path}: annotation {i} needs 'file_name' and a 'segments_info' list")
+    return obj["annotations"]
+
+
+def _index_predictions(annotations: list[dict], path: Path) -> tuple[dict, dict]:
+    """Predictions by image_id and by PNG stem (for predictions written without image ids)."""
+    by_id: dict = {}
+    by_stem: dict = {}
+    for annotation in annotations:
+        if "image_id" in annotation:
+            if annotation["image_id"] in by_id:
+                raise EvaluationError(
+                    f"{path}: image_id {annotation['image_id']} appears twice in annotations"
+                )
+            by_id[annotation["image_id"]] = annotation
+        by_stem[Path(annotation["file_name"]).stem] = annotation
+    return by_id, by_stem
+
+
+def evaluate_panoptic_files(
+    pred_json: PathLike, pred_dir: PathLike, gt_json: PathLike, gt_dir: PathLike, progress: bool = False
+) -> dict:
+    """PQ of COCO panoptic predictions (JSON + PNG folder) against COCO panoptic ground truth.
+
+    Images are the ground truth's annotations; each finds its prediction by image_id, else by PNG name.
+    Categories are the ground truth's. Returns PanopticEvaluator.compute()'s dict.
+    """
+    pred_json, pred_dir, gt_json, gt_dir = Path(pred_json), Path(pred_dir), Path(gt_json), Path(gt_dir)
+    gt = read_json(gt_json)
+    gt_annotations = _annotations(gt, gt_json)
+    if not isinstance(gt.get("categories"), list) or not gt["categories"]:
+        raise EvaluationError(f"{gt_json}: no 'categories' list")
+    by_id, by_stem = _index_predictions(_annotations(read_json(pred_json), pred_json), pred_json)
+    for folder in (pred_dir, gt_dir):
+        if not folder.is_dir():
+            raise EvaluationError(f"{folder}: no such folder")
+    try:
+        evaluator = PanopticEvaluator(gt["categories"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise EvaluationError(f"{gt_json}: bad 'categories' ({error})") from None
+    with tqdm(gt_annotations, desc="panoptic", unit="image", disable=not progress) as bar:
+        for gt_annotation in bar:  # the with block closes the bar before an error is printed
+            _score_panoptic_image(
+                evaluator, gt_annotation, by_id, by_stem, pred_json, pred_dir, gt_json, gt_dir
+            )
+    return evaluator.compute()
+
+
+def _score_panoptic_image(
+    evaluator: PanopticEvaluator,
+    gt_annotation: dict,
+    by_id: dict,
+    by_stem: dict,
+    pred_json: Path,
+    pred_dir: Path,
+    gt_json: Path,
+    gt_dir: Path,
+) -> None:
+    image_id = gt_annotation.get("image_id")
+    pred_annotation = by_id.get(image_id) or by_stem.get(Path(gt_annotation["file_name"]).stem)
+    if pred_annotation is None:
+        raise EvaluationError(
+            f"{pred_json}: no prediction for image_id {image_id} ({gt_annotation['file_name']} in {gt_json})"
+        )
+    pred_png, gt_png = pred_dir / pred_annotation["file_name"], gt_dir / gt_annotation["file_name"]
+    evaluator.update(
+        read_panoptic_ids(pred_png),
+        pred_annotation["segments_info"],
+        read_panoptic_ids(gt_png),
+        gt_annotation["segments_info"],
+        strict=True,
+        where=(
+            f"{pred_png} (image_id {image_id}, segments_info in {pred_json.name})",
+            f"{gt_png} (image_id {image_id}, segments_info in {gt_json.name})",
+        ),
+    )
+
+
+def evaluate_semantic_files(
+    pred_dir: PathLike,
+    gt_dir: PathLike,
+    num_classes: int,
+    ignore_label: int = 255,
+    class_names: Sequence[str] | None = None,
+    progress: bool = False,
+) -> dict:
+    """mIoU & co. of label PNGs in pred_dir against the label PNGs of the same names in gt_dir.
+
+    Labels are class indices 0..num_classes-1 or ignore_label. Returns SemanticEvaluator.compute()'s dict.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for folder in (pred_dir, gt_dir):
+        if not folder.is_dir():
+            raise EvaluationError(f"{folder}: no such folder")
+    gt_files = sorted(gt_dir.glob("*.png"))
+    if not gt_files:
+        raise EvaluationError(f"{gt_dir}: no .png label files")
+    evaluator = SemanticEvaluator(num_classes, ignore_label, class_names)
+    with tqdm(gt_files, desc="semantic", unit="image", disable=not progress) as bar:
+        for gt_path in bar:
+            pred_path = pred_dir / gt_path.name
+            if not pred_path.is_file():
+                raise EvaluationError(f"{pred_path}: no such file (the prediction for {gt_path})")
+            evaluator.update(
+                read_labels(pred_path), read_labels(gt_path), where=(str(pred_path), str(gt_path))
+            )
+    return evaluator.compute()
+
+
+def evaluate_instance_files(pred_json: PathLike, gt_json: PathLike, verbose: bool = False) -> dict:
+    """COCO mask AP of a COCO results JSON against a COCO instances JSON (InstanceEvaluator.compute())."""
+    pred_json, gt_json = Path(pred_json), Path(gt_json)
+    gt = read_json(gt_json)
+    if not isinstance(gt, dict):
+        raise EvaluationError(f"{gt_json}: expected a COCO instances object")
+    results = read_json(pred_json)
+    if not isinstance(results, list):
+        raise EvaluationError(f"{pred_json}: expected a list of COCO results")
+    try:
+        evaluator = InstanceEvaluator(gt, verbose=verbose)
+    except EvaluationError as error:
+        raise EvaluationError(f"{gt_json}: {error}") from None
+    try:
+        evaluator.update_coco(results)
+    except EvaluationError as error:
+        raise EvaluationError(f"{pred_json}: {error}") from None
+    return evaluator.compute()

@@ -1,0 +1,208 @@
+"""COCO mask AP by pycocotools' COCOeval (iouType "segm"): the reference itself, not a re-implementation.
+
+Our masks become COCO compressed RLE with mask2former.rle (identical to pycocotools' encoding). As
+detectron2's COCOEvaluator does, result boxes are dropped before loadRes: pycocotools would otherwise take
+the box area for the small/medium/large split instead of the mask area.
+
+pycocotools is imported on first use, so the rest of the package works without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mask2former import rle
+from mask2former.evaluation import EvaluationError
+
+if TYPE_CHECKING:
+    from mask2former.postprocess import InstanceResult
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
+
+
+def _pycocotools():
+    try:
+        from pycocotools import mask as mask_util
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise ModuleNotFoundError(
+            "mask AP needs pycocotools: pip install pycocotools (or pip install 'mask2former[eval]')"
+        ) from None
+    return COCO, COCOeval, mask_util
+
+
+def _quiet(verbose: bool):
+    """COCO and COCOeval print progress on stdout; keep it unless verbose."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def check_ground_truth(gt: Mapping[str, Any]) -> None:
+    """Raise EvaluationError (one line) when gt is not a COCO instances dict COCOeval can use."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise EvaluationError(f"ground truth has no '{key}' list (COCO instances format)")
+    image_ids = set()
+    for i, image in enumerate(gt["images"]):
+        if not all(k in image for k in ("id", "height", "width")):
+            raise EvaluationError(f"ground truth image {i} needs 'id', 'height' and 'width'")
+        image_ids.add(image["id"])
+    category_ids = {c.get("id") for c in gt["categories"]}
+    for i, annotation in enumerate(gt["annotations"]):
+        if not all(k in annotation for k in ("image_id", "category_id", "segmentation")):
+            raise EvaluationError(
+                f"ground truth annotation {i} needs 'image_id', 'category_id' and 'segmentation'"
+            )
+        if annotation["image_id"] not in image_ids:
+            raise EvaluationError(
+                f"ground truth annotation {i}: image_id {annotation['image_id']} is not in images"
+            )
+        if annotation["category_id"] not in category_ids:
+            raise EvaluationError(
+                f"ground truth annotation {i}: category_id {annotation['category_id']} is not in categories"
+            )
+
+
+class InstanceEvaluator:
+    """Collects COCO results (one dict per instance) and scores them against a COCO instances dict.
+
+    gt: {"images": [{"id", "height", "width"}], "annotations": [{"id", "image_id", "category_id",
+    "segmentation" (polygons or RLE), "iscrowd", "area"}], "categories": [{"id", "name"}]}.
+    """
+
+    def __init__(self, gt: Mapping[str, Any], verbose: bool = False):
+        check_ground_truth(gt)
+        self.gt = gt
+        self.verbose = verbose
+        self.sizes = {image["id"]: (int(image["height"]), int(image["width"])) for image in gt["images"]}
+        self.category_ids = {c["id"] for c in gt["categories"]}
+        self.results: list[dict] = []
+        self.image_ids: set[Hashable] = set()  # images given to update / update_coco
+
+    def update(
+        self, image_id: Hashable, result: InstanceResult, category_ids: Sequence[int] | None = None
+    ) -> None:
+        """Add one image's InstanceResult (masks (N, H, W) bool, classes (N,), scores (N,)); category_ids[c]
+        maps the contiguous class c to the ground truth's category id (identity when None)."""
+        masks = np.asarray(result.masks, dtype=bool)
+        classes = np.asarray(result.classes, dtype=np.int64)
+        if category_ids is not None:
+            classes = np.asarray(category_ids, dtype=np.int64)[classes]
+        self.update_coco(
+            [
+                {"image_id": image_id, "category_id": int(c), "segmentation": segmentation, "score": float(s)}
+                for segmentation, c, s in zip(rle.encode(masks), classes, result.scores, strict=True)
+            ]
+        )
+        self.image_ids.add(image_id)
+
+    def update_coco(self, results: Sequence[Mapping[str, Any]]) -> None:
+        """Add COCO results [{"image_id", "category_id", "segmentation" (RLE or polygons), "score"}]."""
+        checked = []
+        for i, result in enumerate(results):
+            if not isinstance(result, Mapping):
+                raise EvaluationError(
+                    f"result {i} is not an object with image_id, category_id, segmentation, score"
+                )
+            image_id = result.get("image_id")
+            if image_id not in self.sizes:
+                raise EvaluationError(f"result {i}: image_id {image_id!r} is not in the ground truth images")
+            if result.get("category_id") not in self.category_ids:
+                raise EvaluationError(
+                    f"result {i} (image_id {image_id}): category_id {result.get('category_id')!r} is unknown"
+                )
+            if not isinstance(result.get("score"), (int, float)):
+                raise EvaluationError(f"result {i} (image_id {image_id}): 'score' must be a number")
+            segmentation = self._as_rle(result.get("segmentation"), self.sizes[image_id], f"result {i}")
+            # A copy without "bbox": loadRes would otherwise use box areas for APs/APm/APl (as detectron2).
+            checked.append(
+                {
+                    "image_id": image_id,
+                    "category_id": result["category_id"],
+                    "segmentation": segmentation,
+                    "score": float(result["score"]),
+                }
+            )
+            self.image_ids.add(image_id)
+        self.results.extend(checked)
+
+    @staticmethod
+    def _as_rle(segmentation: Any, size: tuple[int, int], where: str) -> dict:
+        if isinstance(segmentation, Mapping) and "counts" in segmentation and "size" in segmentation:
+            if [int(v) for v in segmentation["size"]] != list(size):
+                raise EvaluationError(
+                    f"{where}: mask size {list(segmentation['size'])} differs from the image's {list(size)}"
+                )
+            if isinstance(segmentation["counts"], list):  # uncompressed RLE: compress as loadRes expects
+                return rle.encode(rle.decode(segmentation))[0]
+            return dict(segmentation)
+        if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation) and segmentation:
+            _, _, mask_util = _pycocotools()
+            merged = mask_util.merge(mask_util.frPyObjects(segmentation, *size))
+            return {"size": list(size), "counts": merged["counts"].decode("ascii")}
+        raise EvaluationError(
+            f"{where}: 'segmentation' must be an RLE {{size, counts}} or a list of polygons"
+        )
+
+    def merge(self, other: InstanceEvaluator) -> None:
+        """Add the results collected by another evaluator (another process or shard)."""
+        self.results.extend(other.results)
+        self.image_ids |= other.image_ids
+
+    def compute(self, image_ids: Sequence[Hashable] | None = None) -> dict:
+        """{"AP", "AP50", "AP75", "APs", "APm", "APl": percent (NaN where COCOeval gives -1, or when there is
+        no result at all), "images", "per_class": {"<category id>": {"name", "AP"}}}.
+
+        image_ids: the images to score (default: every ground-truth image, as COCOeval does).
+        """
+        COCO, COCOeval, mask_util = _pycocotools()
+        dataset = copy.deepcopy(dict(self.gt))  # COCOeval rewrites annotations in place
+        names = {c["id"]: c.get("name", str(c["id"])) for c in dataset["categories"]}
+        with _quiet(self.verbose):
+            coco_gt = COCO()
+            for annotation_id, annotation in enumerate(dataset["annotations"], start=1):
+                annotation.setdefault("iscrowd", 0)
+                annotation.setdefault("id", annotation_id)
+            coco_gt.dataset = dataset
+            coco_gt.createIndex()
+            for annotation in dataset["annotations"]:
+                if "area" not in annotation:
+                    annotation["area"] = float(mask_util.area(coco_gt.annToRLE(annotation)))
+            n_images = len(image_ids) if image_ids is not None else len(dataset["images"])
+            if not self.results:
+                empty = dict.fromkeys(METRICS, float("nan"))
+                per_class = {str(k): {"name": v, "AP": float("nan")} for k, v in names.items()}
+                return {**empty, "images": n_images, "per_class": per_class}
+            coco_dt = coco_gt.loadRes([dict(r) for r in self.results])
+            evaluator = COCOeval(coco_gt, coco_dt, "segm")
+            if image_ids is not None:
+                evaluator.params.imgIds = sorted(image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        stats = evaluator.stats
+        out: dict[str, Any] = {
+            m: 100 * float(stats[i]) if stats[i] >= 0 else float("nan") for i, m in enumerate(METRICS)
+        }
+        # precision: (IoU thresholds, recall points, categories, area ranges, max dets); area "all", 100 dets.
+        precision = evaluator.eval["precision"]
+        per_class = {}
+        for k, category_id in enumerate(evaluator.params.catIds):
+            values = precision[:, :, k, 0, -1]
+            values = values[values > -1]
+            ap = 100 * float(values.mean()) if values.size else float("nan")
+            per_class[str(category_id)] = {"name": names.get(category_id, str(category_id)), "AP": ap}
+        return {**out, "images": n_images, "per_class": per_class}
+
+
+def coco_mask_ap(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], verbose: bool = False) -> dict:
+    """Mask AP of COCO results against a COCO instances dict (see InstanceEvaluator.compute)."""
+    evaluator = InstanceEvaluator(gt, verbose=verbose)
+    evaluator.update_coco(results)
+    return evaluator.compute()
