@@ -99,11 +99,35 @@ def evaluate_model(
 ) -> dict:
     """Run a model over a dataset and score it; returns the same dict as the file evaluation.
 
-    To be wired to the Predictor and the dataset readers: per image, feed the task's result and ground
-    truth to mask2former.evaluation's SemanticEvaluator.update / PanopticEvaluator.update_result /
-    InstanceEvaluator.update, then compute().
+    Under torchrun the images are sharded over the processes and the statistics merged on rank 0, which
+    returns the metrics; the other ranks return None. weights None = the bundled model.
     """
-    raise UserError("model evaluation not available yet")
+    from mask2former.cli.predict import make_predictor
+    from mask2former.data.datasets import DatasetError, open_dataset
+    from mask2former.evaluation import EvaluationError
+    from mask2former.evaluation.model import evaluate_predictor
+    from mask2former.training import distributed
+
+    if data is None:
+        raise UserError("--data DIR is needed to evaluate a model (or give prediction files)")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be at least 1")
+    try:
+        dataset = open_dataset(data, task="semantic" if task == "semantic" else None)
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        raise UserError(f"--data {data}: {error}") from None
+    predictor = make_predictor(weights, preset, device)
+    rank, world_size = distributed.init_from_environment(device)
+    if rank == 0:
+        state = "trained" if predictor.trained else "RANDOMLY INITIALISED"
+        print(f"evaluating {predictor.config.name} ({state}, {predictor.source}) on {data} ({task})")
+    try:
+        metrics = evaluate_predictor(predictor, dataset, task, limit, rank, world_size, progress)
+    except EvaluationError as error:
+        raise UserError(str(error)) from None
+    finally:
+        distributed.cleanup()
+    return metrics
 
 
 def _number(value: Any) -> str:
@@ -196,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         metrics = evaluate_files(args)
+    if metrics is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     metrics = {"task": args.task, **metrics}
     print(format_table(args.task, metrics, per_class=args.per_class))
     if args.out is not None:
