@@ -35,7 +35,11 @@ class TorchRunner:
     """Runs the eager model: (B, 3, Hp, Wp) float -> {"pred_logits", "pred_masks"} without aux outputs."""
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
+        from mask2former.speed import optimize_for_inference
+
+        # Result-preserving inference rewrites (FrozenBN folded into the convolutions), in place: the runner
+        # owns the model from here on, and a folded model no longer has the checkpoint's norm keys.
+        self.model = optimize_for_inference(model).to(device)
         self.device = torch.device(device)
 
     @torch.inference_mode()

@@ -1,0 +1,335 @@
+"""A fast CPU path for multi-scale deformable attention: weighted corner gathers with an analytic backward.
+
+Same contract and result as `deform_attn.ms_deform_attn_reference` (bilinear, zero padding,
+align_corners=False), computed with a few fused library kernels instead of grid_sample per level:
+
+- The value maps are copied once into a zero-bordered table (1 pixel left/top, 2 right/bottom), so the four
+  bilinear corners of a sample are table rows `top_left + {0, 1, Wp, Wp + 1}` (times the head count) and
+  corners outside the map read zeros without any mask. Locations are clamped to [-1, size] in pixels, where
+  all four corners are padding: grid_sample gives the same zero value and zero location gradient there.
+- Forward: bilinear weight times attention weight gives one weight per corner, and one weighted
+  `embedding_bag` sums the L*P*4 corners of every (query, head) without materialising them.
+- Backward (`_MSDeformAttnFunction.backward`): the attention and location gradients follow from the dot
+  products c_k = <dOut, V[corner k]> (attention: sum_k bilinear_k * c_k; location: the derivative of the
+  bilinear weights). The value gradient is the transposed product: samples sorted by top-left row form one
+  bag per table row, an `embedding_bag` over dOut per corner kind sums what lands on each top-left row, and
+  the four sums are shifted onto their corners. No scatter-add, and only one sort key per sample.
+
+Float32 and float64 (for gradcheck). `deform_attn.ms_deform_attn` sends other dtypes, devices and
+tracing/export to the grid_sample reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SpatialShapes = Sequence[tuple[int, int]]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+# Samples (query * head * level * point) per chunk: bounds the index/weight buffers (~50 bytes a sample)
+# however large the image, while keeping chunks big enough that per-chunk passes over the whole value
+# table (the value gradient's bag sums) stay cheap. A 1024x1024 image (21504 queries * 96) is one chunk.
+SAMPLES_PER_CHUNK = 1 << 21
+
+# Corner rows gathered at once for the backward's dot products (16384 rows of D=32 floats = 2 MB, in cache).
+DOT_ROWS = 1 << 14
+
+# Zero border of the padded table: a clamped location lies in [-1, size] pixels, so its top-left corner is in
+# [-1, size] and its bottom-right one in [0, size + 1].
+PAD_BEFORE, PAD_AFTER = 1, 2
+
+
+class _Layout:
+    """Where every image, head, level and corner lives in the padded value table, seen as rows.
+
+    The table is head-major, (B, M, Sp, D): level l occupies the (H+3, W+3) block starting at token
+    `starts[l]`, and the row of (b, m, token) is (b * M + m) * Sp + token. Head-major puts a sample's left and
+    right corners in adjacent rows, so one overlapping (R-1, 2D) view of the table yields both at once.
+    Per-sample constants are materialised over (M, L, P) so that elementwise ops on (queries, M, L, P)
+    tensors broadcast over the leading axis only (vectorised loops).
+    """
+
+    def __init__(
+        self, spatial_shapes: SpatialShapes, batch: int, heads: int, points: int, like: torch.Tensor
+    ):
+        self.shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+        self.padded = [(h + PAD_BEFORE + PAD_AFTER, w + PAD_BEFORE + PAD_AFTER) for h, w in self.shapes]
+        self.starts = [0]
+        for hp, wp in self.padded:
+            self.starts.append(self.starts[-1] + hp * wp)
+        self.tokens = self.starts.pop()  # Sp
+        self.batch, self.heads = batch, heads
+        self.rows = batch * heads * self.tokens
+        # int32 halves the index traffic; int64 only for tables beyond 2**31 rows.
+        self.index_dtype = torch.int32 if self.rows < 2**31 else torch.int64
+        levels, device, index = len(self.shapes), like.device, self.index_dtype
+        shape = (heads, levels, points)
+
+        def per_sample(values: list, dtype: torch.dtype) -> torch.Tensor:  # (L, ...) -> (M, L, P, ...)
+            table = torch.tensor(values, device=device, dtype=dtype)
+            table = table.view(1, levels, 1, *table.shape[1:])
+            return table.expand(*shape, *table.shape[3:]).contiguous()
+
+        self.size = per_sample([[w, h] for h, w in self.shapes], like.dtype)  # (M, L, P, 2) as (x, y)
+        self.lowest = like.new_tensor(-1.0)
+        widths = [wp for _, wp in self.padded]
+        self.row_stride = per_sample(widths, index)  # rows per padded image row
+        origin = [start + PAD_BEFORE * wp + PAD_BEFORE for start, wp in zip(self.starts, widths, strict=True)]
+        head = torch.arange(heads, device=device, dtype=index).view(heads, 1, 1) * self.tokens
+        self.origin = per_sample(origin, index) + head  # row of pixel (0, 0) of each level and head
+        # Row offsets of the corners top-left, top-right, bottom-left, bottom-right: (4, M, L, P), and of the
+        # (left, right) pairs of the upper and lower rows: (2, M, L, P).
+        shifts = per_sample([[0, 1, wp, wp + 1] for wp in widths], index).permute(3, 0, 1, 2)
+        self.bag_corner_shift = shifts.transpose(0, 1).contiguous()  # (M, 4, L, P)
+        self.pair_shift = shifts[0::2].contiguous()
+        # The same corner offsets per level as python ints, for the value gradient's shifted adds.
+        self.level_corner_shift = [[0] * levels, [1] * levels, widths, [wp + 1 for wp in widths]]
+
+    def padded_table(self, value: torch.Tensor) -> torch.Tensor:
+        """value (B, S, M, D) -> zero-bordered head-major table (B*M*Sp, D)."""
+        batch, _, heads, head_dim = value.shape
+        table = value.new_zeros(batch, heads, self.tokens, head_dim)
+        levels = value.split([h * w for h, w in self.shapes], 1)
+        for (h, w), block, level in zip(self.shapes, self.level_blocks(table), levels, strict=True):
+            block[:, :, PAD_BEFORE : PAD_BEFORE + h, PAD_BEFORE : PAD_BEFORE + w] = level.view(
+                batch, h, w, heads, head_dim
+            ).permute(0, 3, 1, 2, 4)
+        return table.view(-1, head_dim)
+
+    def unpad(self, table: torch.Tensor) -> torch.Tensor:
+        """Head-major padded table (B*M*Sp, D) -> (B, S, M, D), the layout of value."""
+        head_dim = table.shape[-1]
+        blocks = self.level_blocks(table.view(self.batch, self.heads, self.tokens, head_dim))
+        return torch.cat(
+            [
+                block[:, :, PAD_BEFORE : PAD_BEFORE + h, PAD_BEFORE : PAD_BEFORE + w]
+                .permute(0, 2, 3, 1, 4)
+                .reshape(self.batch, h * w, self.heads, head_dim)
+                for block, (h, w) in zip(blocks, self.shapes, strict=True)
+            ],
+            1,
+        )
+
+    def level_blocks(self, table: torch.Tensor) -> list[torch.Tensor]:
+        """(B, M, Sp, D) padded table -> per level views (B, M, H+3, W+3, D)."""
+        batch, heads, _, head_dim = table.shape
+        return [
+            table[:, :, start : start + hp * wp].view(batch, heads, hp, wp, head_dim)
+            for (hp, wp), start in zip(self.padded, self.starts, strict=True)
+        ]
+
+    def pixels(self, locations: torch.Tensor) -> torch.Tensor:
+        """Locations (q, M, L, P, 2) in [0, 1] -> pixel coordinates, align_corners=False: location 0 is
+        the outer edge of pixel 0, whose centre is at 0.5 / size."""
+        return locations * self.size - 0.5
+
+    def corners(self, pixels: torch.Tensor, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel coordinates (q, M, L, P, 2) -> (top-left table rows (q, M, L, P) int,
+        fractions (q, M, L, P, 2) as (fx, fy) in [0, 1])."""
+        # A NaN location would give a garbage integer row: send it to -1 (padding) first.
+        clamped = torch.clamp(torch.nan_to_num(pixels, nan=-1.0), min=self.lowest, max=self.size)
+        corner = clamped.floor()
+        fraction = clamped - corner
+        corner = corner.to(self.index_dtype)
+        rows = corner[..., 1] * self.row_stride
+        rows += corner[..., 0]
+        rows += self.origin
+        rows += batch_index * self.heads * self.tokens
+        return rows, fraction
+
+    def pixel_gradient_scale(self, pixels: torch.Tensor) -> torch.Tensor:
+        """d pixel / d location (q, M, L, P, 2): the size where the location was not clamped, else 0."""
+        inside = (pixels >= -1) & (pixels <= self.size)
+        return torch.where(inside, self.size, 0.0)
+
+
+def corner_weights(fraction: torch.Tensor, attention: torch.Tensor, corner_dim: int) -> torch.Tensor:
+    """Bilinear weight times attention weight of the corners (top-left, top-right, bottom-left,
+    bottom-right): fraction (q, M, L, P, 2), attention (q, M, L, P) -> stacked along `corner_dim`."""
+    fx, fy = fraction[..., 0], fraction[..., 1]
+    lower = attention * fy  # weight of the lower row y0 + 1
+    upper = attention - lower
+    top_right, bottom_right = upper * fx, lower * fx
+    return torch.stack((upper - top_right, top_right, lower - bottom_right, bottom_right), corner_dim)
+
+
+def _sample_chunks(num_queries: int, samples_per_query: int) -> list[tuple[int, int]]:
+    step = max(1, SAMPLES_PER_CHUNK // samples_per_query)
+    return [(start, min(start + step, num_queries)) for start in range(0, num_queries, step)]
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    """value (B, S, M, D), locations (B, Lq, M, L, P, 2), attention (B, Lq, M, L, P) -> (B, Lq, M*D)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, locations, attention):
+        batch, _, heads, head_dim = value.shape
+        _, num_queries, _, levels, points, _ = locations.shape
+        layout = _Layout(spatial_shapes, batch, heads, points, value)
+        table = layout.padded_table(value)
+        corners_per_bag = levels * points * 4
+        output = value.new_empty(batch, num_queries, heads, head_dim)
+        for b in range(batch):
+            for start, stop in _sample_chunks(num_queries, heads * levels * points):
+                rows, fraction = layout.corners(layout.pixels(locations[b, start:stop]), b)
+                # Corner-major inside each (query, head) bag: (q, M, 4, L, P); the order in a bag is free.
+                indices = rows.unsqueeze(2) + layout.bag_corner_shift
+                weights = corner_weights(fraction, attention[b, start:stop], corner_dim=2)
+                output[b, start:stop] = F.embedding_bag(
+                    indices.view(-1, corners_per_bag),
+                    table,
+                    mode="sum",
+                    per_sample_weights=weights.view(-1, corners_per_bag),
+                ).view(stop - start, heads, head_dim)
+        ctx.layout = layout
+        ctx.save_for_backward(table, locations, attention)
+        return output.view(batch, num_queries, heads * head_dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        table, locations, attention = ctx.saved_tensors
+        layout: _Layout = ctx.layout
+        need_value, _, need_locations, need_attention = ctx.needs_input_grad
+        batch, num_queries, heads, levels, points, _ = locations.shape
+        head_dim = table.shape[-1]
+        # (B, Lq, M, D): entry (b, q, m) is the gradient of that bag's output.
+        grad_bags = grad_output.reshape(batch, num_queries, heads, head_dim).contiguous()
+        grad_locations = torch.empty_like(locations) if need_locations else None
+        grad_attention = torch.empty_like(attention) if need_attention else None
+        grad_table = torch.zeros_like(table) if need_value else None
+        for b in range(batch):
+            for start, stop in _sample_chunks(num_queries, heads * levels * points):
+                pixels = layout.pixels(locations[b, start:stop])
+                rows, fraction = layout.corners(pixels, b)
+                chunk_attention = attention[b, start:stop]
+                chunk_grad = grad_bags[b, start:stop]
+                if need_locations or need_attention:
+                    dots = _corner_dots(chunk_grad, table, rows, layout)
+                    _location_and_attention_grads(
+                        dots, fraction, chunk_attention, pixels, layout,
+                        None if grad_locations is None else grad_locations[b, start:stop],
+                        None if grad_attention is None else grad_attention[b, start:stop],
+                    )  # fmt: skip
+                if need_value:
+                    weights = corner_weights(fraction, chunk_attention, corner_dim=0)
+                    _accumulate_value_grad(grad_table, chunk_grad, rows, weights, layout)
+        grad_value = layout.unpad(grad_table) if need_value else None
+        return grad_value, None, grad_locations, grad_attention
+
+
+def _corner_dots(
+    grad_bags: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, layout: _Layout
+) -> torch.Tensor:
+    """c_k = <dOut of the (query, head), table row of corner k>: grad_bags (q, M, D), rows (q, M, L, P)
+    -> (2, q, M, L, P, 2) indexed [upper/lower row, ..., left/right column].
+
+    Left and right corners are adjacent rows of the head-major table, so an overlapping view with rows of
+    2D gathers both with one index. A few queries at a time (about DOT_ROWS corner rows, a buffer that stays
+    in cache) are gathered, multiplied in place and summed: 2-3x faster than embedding_bag's
+    per-sample-weight backward, which calls BLAS once per corner.
+    """
+    queries, heads, levels, points = rows.shape
+    head_dim = grad_bags.shape[-1]
+    pairs = table.as_strided((table.shape[0] - 1, 2 * head_dim), (head_dim, 1))
+    dots = grad_bags.new_empty(2, queries, heads, levels, points, 2)
+    step = max(1, DOT_ROWS // (4 * heads * levels * points))
+    for start in range(0, queries, step):
+        stop = min(start + step, queries)
+        indices = (rows[None, start:stop] + layout.pair_shift[:, None]).view(-1)
+        values = pairs.index_select(0, indices).view(2, stop - start, heads, levels * points * 2, head_dim)
+        values.mul_(grad_bags[None, start:stop, :, None, :])
+        dots[:, start:stop] = values.sum(-1).view(2, stop - start, heads, levels, points, 2)
+    return dots
+
+
+def _location_and_attention_grads(
+    dots: torch.Tensor,
+    fraction: torch.Tensor,
+    attention: torch.Tensor,
+    pixels: torch.Tensor,
+    layout: _Layout,
+    grad_locations: torch.Tensor | None,
+    grad_attention: torch.Tensor | None,
+) -> None:
+    """Chain rule through the corner weights a * wy * wx, written into the gradient slices.
+
+    dots (2, q, M, L, P, 2), fraction and pixels (q, M, L, P, 2), attention (q, M, L, P).
+    """
+    (top_left, top_right), (bottom_left, bottom_right) = (row.unbind(-1) for row in dots.unbind(0))
+    fx, fy = fraction[..., 0], fraction[..., 1]
+    # <dOut, bilinear sample along the upper and the lower row>, and their x derivatives.
+    dx_upper = top_right - top_left
+    dx_lower = bottom_right - bottom_left
+    upper = top_left + fx * dx_upper
+    dy = bottom_left + fx * dx_lower - upper
+    if grad_attention is not None:
+        torch.add(upper, fy * dy, out=grad_attention)
+    if grad_locations is not None:
+        dx = dx_upper + fy * (dx_lower - dx_upper)
+        grad = torch.stack((dx, dy), -1) * attention.unsqueeze(-1)
+        torch.mul(grad, layout.pixel_gradient_scale(pixels), out=grad_locations)
+
+
+def _accumulate_value_grad(
+    grad_table: torch.Tensor,
+    grad_bags: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    layout: _Layout,
+) -> None:
+    """grad_table (B*Sp*M, D) += corner weight * dOut of the bag, for every corner of every sample.
+
+    grad_bags (q, M, D), rows (q, M, L, P), weights (4, q, M, L, P). Samples sorted by top-left row form one
+    bag per table row; per corner kind, one weighted embedding_bag over dOut gives what lands on each
+    top-left row, then moves to the row of that corner.
+    """
+    samples_per_bag = rows.shape[2] * rows.shape[3]
+    flat_rows = rows.reshape(-1)
+    order = torch.sort(flat_rows).indices
+    counts = torch.bincount(flat_rows, minlength=layout.rows)
+    offsets = counts.cumsum(0) - counts
+    bag_of_sample = torch.div(order, samples_per_bag, rounding_mode="floor")
+    sorted_weights = weights.view(4, -1).index_select(1, order)
+    bag_table = grad_bags.reshape(-1, grad_bags.shape[-1])
+    for kind in range(4):
+        sums = F.embedding_bag(
+            bag_of_sample, bag_table, offsets, mode="sum", per_sample_weights=sorted_weights[kind]
+        )
+        _add_shifted(grad_table, sums, layout.level_corner_shift[kind], layout)
+
+
+def _add_shifted(grad_table: torch.Tensor, sums: torch.Tensor, shifts: list[int], layout: _Layout) -> None:
+    """grad_table[row + shifts[l]] += sums[row] for the rows of every level l (shifts depend on its width).
+
+    Every corner of a clamped sample lies inside its own level's padded block, so a shift inside the block
+    never moves a contribution into another level, head or image.
+    """
+    grad = grad_table.view(layout.batch * layout.heads, layout.tokens, -1)
+    sums = sums.view(layout.batch * layout.heads, layout.tokens, -1)
+    for (hp, wp), start, shift in zip(layout.padded, layout.starts, shifts, strict=True):
+        grad[:, start + shift : start + hp * wp] += sums[:, start : start + hp * wp - shift]
+
+
+def ms_deform_attn_fast(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract and result as `ms_deform_attn_reference`, with an analytic backward.
+
+    value (B, S, M, D) float32/float64, sampling_locations (B, Lq, M, L, P, 2) as (x, y) in [0, 1],
+    attention_weights (B, Lq, M, L, P) -> (B, Lq, M * D) in value's dtype.
+    """
+    dtype = value.dtype
+    return _MSDeformAttnFunction.apply(
+        value.contiguous(),
+        spatial_shapes,
+        sampling_locations.to(dtype).contiguous(),
+        attention_weights.to(dtype).contiguous(),
+    )
