@@ -160,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume and trainer.resume() and trainer.rank == 0:
         print(f"resumed from {out_dir / CHECKPOINT_NAME} at step {trainer.step}")
-    last = trainer.train()
+    try:
+        last = trainer.train()
+    except FloatingPointError as error:  # diverged: the message says what to change
+        raise UserError(str(error)) from None
     if trainer.rank == 0:
         print(
             f"trained {model_config.name} for {trainer.step} steps; "

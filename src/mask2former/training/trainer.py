@@ -28,7 +28,7 @@ from mask2former.checkpoints.io import load_state_dict_strict, save_checkpoint
 from mask2former.config import ModelConfig
 from mask2former.data.collate import collate
 from mask2former.training import distributed as dist_utils
-from mask2former.training.criterion import SetCriterion
+from mask2former.training.criterion import SetCriterion, global_mean
 from mask2former.training.matcher import HungarianMatcher
 from mask2former.training.optim import build_optimizer, lr_factor, set_learning_rate
 from mask2former.training.plot import plot_loss_curve, read_metrics
@@ -253,20 +253,13 @@ class Trainer:
             persistent_workers=False,
         )
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        config = self.config
-        set_learning_rate(
-            self.optimizer,
-            lr_factor(
-                self.step,
-                config.max_iters,
-                config.schedule,
-                config.poly_power,
-                config.milestones,
-                warmup_iters=config.warmup_iters,
-            ),
-        )
-        torch.manual_seed(_seed_of(config.seed, 3, self.step, self.rank))
+    def compute_gradients(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one batch: (weighted total loss, unweighted losses of this process).
+
+        Afterwards each parameter's .grad holds the gradient of the whole global batch (DDP averages it
+        over processes), multiplied by the AMP scale when it is on, not clipped.
+        """
+        torch.manual_seed(_seed_of(self.config.seed, 3, self.step, self.rank))
         images = batch["images"].to(self.device)
         targets = [
             {"labels": t["labels"].to(self.device), "masks": t["masks"].to(self.device), "point_seed": seed}
@@ -278,18 +271,37 @@ class Trainer:
         loss = self.criterion.total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        return loss, losses
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        config = self.config
+        factor = lr_factor(
+            self.step,
+            config.max_iters,
+            config.schedule,
+            config.poly_power,
+            config.milestones,
+            warmup_iters=config.warmup_iters,
+        )
+        set_learning_rate(self.optimizer, factor)
+        loss, losses = self.compute_gradients(batch)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        record = {"loss": float(loss.detach())}
+        # The losses of the global batch: each process's loss is its share over global normalisers, so
+        # their mean is the loss of the whole batch (rank 0's alone is a noisy half; every rank must agree
+        # before check_finite raises, or the others would wait forever in the next all_reduce).
+        keys = [key for key in ("loss_ce", "loss_mask", "loss_dice") if key in losses]
+        values = global_mean(torch.stack([loss.detach()] + [losses[k].detach() for k in keys]).float())
+        record = {"loss": float(values[0])}
         check_finite(record["loss"], self.step)
-        for key in ("loss_ce", "loss_mask", "loss_dice"):
-            if key in losses:
-                record[key] = float(losses[key].detach())
+        record.update({key: float(value) for key, value in zip(keys, values[1:], strict=True)})
         record["grad_norm"] = float(grad_norm)
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        # The heads' rate: group 0 is the backbone stem's (x backbone_multiplier).
+        groups = self.optimizer.param_groups
+        record["lr"] = next(g["lr"] for g in groups if not g["name"].startswith("backbone"))
         return record
 
     def train(self) -> dict:
