@@ -152,6 +152,17 @@ def test_resume_restores_step_optimizer_and_continues_identically(data, tmp_path
     assert all(torch.equal(v, weights[k]) for k, v in first.model.state_dict().items())
 
 
+def test_resume_takes_this_runs_learning_rate_and_decay(data, tmp_path):
+    out = tmp_path / "out"
+    make_trainer(data, out, max_iters=2, checkpoint_every=2).train()
+    resumed = make_trainer(data, out, max_iters=2, lr=5e-5, weight_decay=0.01)
+    assert resumed.resume() is True
+    head = [g for g in resumed.optimizer.param_groups if not g["name"].startswith("backbone")]
+    assert {g["initial_lr"] for g in head} == {5e-5}
+    assert {g["weight_decay"] for g in head} <= {0.0, 0.01}
+    assert resumed.optimizer.state  # the AdamW moments still come from the checkpoint
+
+
 def test_rejects_a_dataset_smaller_than_a_batch(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
         make_trainer(synth_data(tmp_path / "one", 1), tmp_path / "out", batch_size=2)

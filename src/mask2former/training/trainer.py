@@ -236,7 +236,12 @@ class Trainer:
             return False
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
+        # The moments come from the checkpoint; base rates and decay from this run's config, so a resumed
+        # run with a new --lr / --weight-decay / --backbone-multiplier uses them instead of ignoring them.
+        configured = [(group["initial_lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, (initial_lr, weight_decay) in zip(self.optimizer.param_groups, configured, strict=True):
+            group["initial_lr"], group["weight_decay"] = initial_lr, weight_decay
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         return True
