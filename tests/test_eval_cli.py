@@ -267,8 +267,9 @@ def test_instance_errors(tmp_path, capsys):
     assert "gt.json: no such file" in capsys.readouterr().err
 
 
-def test_argument_errors_and_model_evaluation_placeholder(tmp_path, capsys):
+def test_argument_errors_and_a_folder_that_is_no_dataset(tmp_path, capsys):
     assert main(["eval", "--task", "panoptic", "--pred-json", "p.json"]) == 2
     assert "needs --pred-dir, --gt-json, --gt-dir" in capsys.readouterr().err
     assert main(["eval", "--task", "semantic", "--weights", "w.pth", "--data", str(tmp_path)]) == 2
-    assert "model evaluation not available yet" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--data {tmp_path}" in err[0] and "unknown dataset layout" in err[0]
