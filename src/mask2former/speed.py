@@ -8,16 +8,28 @@
 - `PeakMemory`: high-water mark of the resident set size during a block (Linux /proc), the one peak
   measure that sees PyTorch's CPU allocations.
 - `matmul_peak_gflops`: the machine's measured fp32 matmul throughput, the yardstick for achieved GFLOP/s.
+- `run_stages`: one inference stage by stage (backbone, pixel decoder, transformer decoder,
+  post-processing), each wrapped in a caller's context (a timer, a FLOP counter, a memory probe);
+  `reference_path` switches to the unoptimised reference for comparisons.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
+from mask2former.config import ModelConfig
+from mask2former.modeling import deform_attn
 from mask2former.modeling.layers import FrozenBatchNorm2d, fold_frozen_batchnorm
+from mask2former.postprocess import postprocess
+
+STAGES = ("backbone", "pixel decoder", "transformer decoder", "post-processing")
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
@@ -87,3 +99,79 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 3) -> float:
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+@contextlib.contextmanager
+def freed_memory_returned_to_os() -> Iterator[bool]:
+    """Inside the block glibc hands blocks over 64 KiB back to the OS at once (after trimming what it holds),
+    so the resident set follows live tensors and VmHWM measures peaks. Yields False where glibc is missing.
+
+    Every large allocation then costs fresh pages, so time outside the block. On exit the mmap threshold goes
+    to 32 MiB, the ceiling glibc's own dynamic threshold reaches once large blocks have been freed.
+    """
+    m_mmap_threshold = -3  # mallopt parameter number in glibc's malloc.h
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        yield False
+        return
+    try:
+        yield ok
+    finally:
+        libc.mallopt(m_mmap_threshold, 32 * 2**20)
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Inside the block MSDeformAttn samples with the grid_sample reference instead of the fast path."""
+    fast = deform_attn.ms_deform_attn
+    deform_attn.ms_deform_attn = deform_attn.ms_deform_attn_reference
+    try:
+        yield
+    finally:
+        deform_attn.ms_deform_attn = fast
+
+
+def run_stages(
+    model: nn.Module,
+    images: torch.Tensor,
+    config: ModelConfig,
+    stage_context: Callable[[str], AbstractContextManager] = lambda name: contextlib.nullcontext(),
+    full_resolution_masks: bool = False,
+) -> list:
+    """One inference of a normalised padded batch (B, 3, H, W), stage by stage, each stage inside
+    `stage_context(name)` for name in STAGES -> the per-image results (the config's task).
+
+    full_resolution_masks: run the decoder as in training (every intermediate mask at H/4 x W/4, aux outputs
+    discarded), the reference for the inference-time low-resolution masks.
+    """
+    head = model.sem_seg_head
+    with torch.inference_mode():
+        with stage_context("backbone"):
+            features = model.backbone(images)
+        with stage_context("pixel decoder"):
+            mask_features, multi_scale_features = head.pixel_decoder(features)
+        with stage_context("transformer decoder"):
+            outputs = head.predictor(multi_scale_features, mask_features, return_aux=full_resolution_masks)
+        with stage_context("post-processing"):
+            size = tuple(images.shape[-2:])
+            # As Predictor: a panoptic model's flags; an instance model keeps every class.
+            thing_classes = config.thing_classes if config.task == "panoptic" else None
+            return [
+                postprocess(
+                    outputs,
+                    batch_index=index,
+                    task=config.task,
+                    padded_size=size,
+                    image_size=size,
+                    original_size=size,
+                    thing_classes=thing_classes,
+                    object_mask_threshold=config.object_mask_threshold,
+                    overlap_threshold=config.overlap_threshold,
+                    top_k=config.test_topk,
+                    semantic_before_inference=config.task != "semantic",
+                )
+                for index in range(images.shape[0])
+            ]
