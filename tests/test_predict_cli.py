@@ -110,3 +110,12 @@ def test_presets_command_lists_required_presets(capsys):
     out = capsys.readouterr().out
     for name in ["coco-panoptic-r50", "coco-panoptic-swin-l", "coco-instance-r50", "ade20k-semantic-swin-t"]:
         assert name in out
+
+
+def test_pictures_of_small_images_are_enlarged_by_an_integer_factor(tmp_path):
+    small = tmp_path / "small.png"
+    Image.open(DATA / "rocket.jpg").resize((100, 60)).save(small)
+    out = tmp_path / "out"
+    assert main(["predict", str(small), "--out", str(out), "--preset", "synth-tiny"]) == 0
+    assert Image.open(out / "small.panoptic.png").size == (500, 300)  # ceil(256 / 60) = 5
+    assert read_panoptic_png(out / "panoptic" / "small.png").shape == (60, 100)  # results keep the image size

@@ -29,6 +29,26 @@ def meta_from_config(config: ModelConfig) -> DatasetMeta:
     )
 
 
+# Pictures of small images are enlarged (by an integer factor, nearest neighbour) so labels stay legible.
+MIN_PICTURE_SIDE = 256
+
+
+def draw_prediction(prediction: Prediction, meta: DatasetMeta):
+    """The overlay picture (PIL image) of one prediction; small images are enlarged first."""
+    image, result = prediction.image, prediction.result
+    factor = -(-MIN_PICTURE_SIDE // max(1, min(image.shape[:2])))
+    if factor > 1:
+        image = image.repeat(factor, 0).repeat(factor, 1)
+    enlarge = (lambda a: a.repeat(factor, -2).repeat(factor, -1)) if factor > 1 else (lambda a: a)  # noqa: E731
+    if prediction.task == "semantic":
+        return draw_semantic(image, enlarge(result.class_map), meta)
+    if prediction.task == "panoptic":
+        return draw_panoptic(image, enlarge(result.id_map), result.segments, meta)
+    return draw_instances(
+        image, enlarge(result.masks), result.classes, result.scores, result.boxes * factor, meta
+    )
+
+
 class PredictionWriter:
     """Writes one prediction at a time; `finish()` writes the files that cover all images."""
 
@@ -45,12 +65,10 @@ class PredictionWriter:
     def write(self, stem: str, file_name: str, prediction: Prediction) -> Path:
         """Write the picture and per-image files of one prediction; returns the picture's path."""
         result, image, meta = prediction.result, prediction.image, self.meta
-        main = None
         if self.task == "semantic":
             (self.out_dir / "semantic").mkdir(exist_ok=True)
             main = self.out_dir / "semantic" / f"{stem}.png"
             write_semantic_png(main, result.class_map, meta.category_ids)
-            picture = draw_semantic(image, result.class_map, meta) if self.pictures else None
         elif self.task == "panoptic":
             (self.out_dir / "panoptic").mkdir(exist_ok=True)
             main = self.out_dir / "panoptic" / f"{stem}.png"
@@ -59,21 +77,16 @@ class PredictionWriter:
             self.panoptic_annotations.append(annotation)
             height, width = image.shape[:2]
             self.images.append({"id": stem, "file_name": file_name, "height": height, "width": width})
-            picture = draw_panoptic(image, result.id_map, result.segments, meta) if self.pictures else None
         else:
             self.instance_results.extend(
                 instances_to_coco(result, image_id=stem, category_ids=meta.category_ids)
             )
             main = self.out_dir / "instances.json"
-            picture = (
-                draw_instances(image, result.masks, result.classes, result.scores, result.boxes, meta)
-                if self.pictures
-                else None
-            )
-        if picture is not None:
-            main = self.out_dir / f"{stem}.{self.task}.png"
-            save_image(picture, main)
-        return main
+        if not self.pictures:
+            return main
+        picture_path = self.out_dir / f"{stem}.{self.task}.png"
+        save_image(draw_prediction(prediction, meta), picture_path)
+        return picture_path
 
     def summary(self, prediction: Prediction) -> str:
         """'3 segments: 2 cat, sky' style one-line description of a result."""
