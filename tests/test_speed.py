@@ -18,10 +18,19 @@ from mask2former.config import get_preset
 from mask2former.data.image_io import load_image
 from mask2former.data.preprocess import pad_batch
 from mask2former.modeling import deform_attn
-from mask2former.modeling.layers import FrozenBatchNorm2d
+from mask2former.modeling.layers import Conv2d, FrozenBatchNorm2d
 from mask2former.postprocess import _panoptic_keep, postprocess, resize_mask_logits
 from mask2former.predictor import Predictor, TorchRunner
-from mask2former.speed import PeakMemory, has_frozen_batchnorm, matmul_peak_gflops, optimize_for_inference
+from mask2former.speed import (
+    OneDNNConv2d,
+    OneDNNLinear,
+    PeakMemory,
+    has_frozen_batchnorm,
+    matmul_peak_gflops,
+    onednn_available,
+    optimize_for_inference,
+    plain_kernels,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -228,3 +237,58 @@ def test_peak_memory_sees_a_large_allocation():
 
 def test_matmul_peak_is_positive():
     assert matmul_peak_gflops(size=128, repeats=1) > 0
+
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN kernels")
+
+
+def small_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        Conv2d(8, 8, 1, norm=torch.nn.GroupNorm(2, 8), activation=F.relu),
+        torch.nn.Conv2d(8, 4, 3, stride=2, padding=1, bias=False),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 5 * 6, 7),
+    )
+
+
+@needs_onednn
+def test_onednn_modules_keep_parameters_and_results():
+    net = small_net()
+    keys = list(net.state_dict())
+    x = torch.randn(2, 3, 10, 12)
+    with torch.no_grad():
+        expected = net(x)
+        optimize_for_inference(net)
+        got = net(x)
+    assert [type(m) for m in net] == [
+        OneDNNConv2d,
+        OneDNNConv2d,
+        OneDNNConv2d,
+        torch.nn.Flatten,
+        OneDNNLinear,
+    ]
+    assert list(net.state_dict()) == keys
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # A reloaded or edited weight is repacked; copies pack their own.
+    with torch.no_grad():
+        net[4].weight.mul_(2)
+        net[0].load_state_dict({"weight": net[0].weight * 0.5, "bias": net[0].bias})
+        reference = copy.deepcopy(net)
+        with plain_kernels():
+            expected = reference(x)
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(copy.deepcopy(net)(x), expected, rtol=0, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_onednn_modules_fall_back_for_gradients_and_tracing():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 3, 10, 12)
+    net(x).square().sum().backward()  # gradients go through F.linear / F.conv2d
+    assert all(p.grad is not None for p in net[4].parameters())
+    with torch.no_grad():
+        graph = str(torch.jit.trace(net, x).inlined_graph)
+    assert "mkldnn" not in graph and "aten::linear" in graph

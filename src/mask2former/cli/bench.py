@@ -87,6 +87,8 @@ def measure(args: argparse.Namespace) -> dict:
         PeakMemory,
         freed_memory_returned_to_os,
         matmul_peak_gflops,
+        onednn_matmul_peak_gflops,
+        plain_kernels,
         reference_path,
         run_stages,
     )
@@ -111,6 +113,7 @@ def measure(args: argparse.Namespace) -> dict:
         run_stages(model, images, config, stage_context, full_resolution_masks=args.reference)
 
     peak_gflops = matmul_peak_gflops()
+    onednn_peak_gflops = onednn_matmul_peak_gflops()
     times: dict[str, list[float]] = {name: [] for name in STAGES}
 
     @contextlib.contextmanager
@@ -140,7 +143,8 @@ def measure(args: argparse.Namespace) -> dict:
             once()
         for _ in range(args.runs):
             once(timed)
-        once(counted)
+        with plain_kernels():  # FlopCounterMode has no formulas for oneDNN's kernels
+            once(counted)
         with freed_memory_returned_to_os() as freed, PeakMemory() as whole:
             once(probed)
     totals = [sum(run) for run in zip(*times.values(), strict=True)]
@@ -163,6 +167,7 @@ def measure(args: argparse.Namespace) -> dict:
         "runs": args.runs,
         "warmup": args.warmup,
         "matmul_peak_gflops": peak_gflops,
+        "onednn_matmul_peak_gflops": onednn_peak_gflops,
         "stages": stages,
         "total": {
             "min_ms": min(totals) * 1e3,
@@ -183,7 +188,10 @@ def print_table(report: dict) -> None:
         f"{report['runs']} runs after {report['warmup']} warm-up"
     )
     peak = report["matmul_peak_gflops"]
-    print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s (2048x2048 @ 2048x2048)\n")
+    onednn = report["onednn_matmul_peak_gflops"]
+    also = f"; oneDNN on a prepacked weight: {onednn:.1f}" if onednn else ""
+    print(f"fp32 matmul peak of this machine: torch.matmul {peak:.1f} GFLOP/s{also} (2048x2048 @ 2048x2048)")
+    print("% peak is against torch.matmul's\n")
     header = ("min ms", "median ms", "peak MB", "GFLOP", "GFLOP/s", "% peak")
     print(f"{'stage':<20} " + " ".join(f"{h:>{w}}" for h, w in zip(header, (9, 10, 8, 8, 8, 7), strict=True)))
     rows = list(report["stages"].items()) + [("total", report["total"])]

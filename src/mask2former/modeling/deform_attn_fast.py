@@ -172,21 +172,25 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         layout = _Layout(spatial_shapes, batch, heads, points, value)
         table = layout.padded_table(value)
         corners_per_bag = levels * points * 4
-        output = value.new_empty(batch, num_queries, heads, head_dim)
+        pieces = []  # (q * M, D) per image and chunk, in (b, q) order
         for b in range(batch):
             for start, stop in _sample_chunks(num_queries, heads * levels * points):
                 rows, fraction = layout.corners(layout.pixels(locations[b, start:stop]), b)
                 # Corner-major inside each (query, head) bag: (q, M, 4, L, P); the order in a bag is free.
                 indices = rows.unsqueeze(2) + layout.bag_corner_shift
                 weights = corner_weights(fraction, attention[b, start:stop], corner_dim=2)
-                output[b, start:stop] = F.embedding_bag(
-                    indices.view(-1, corners_per_bag),
-                    table,
-                    mode="sum",
-                    per_sample_weights=weights.view(-1, corners_per_bag),
-                ).view(stop - start, heads, head_dim)
+                pieces.append(
+                    F.embedding_bag(
+                        indices.view(-1, corners_per_bag),
+                        table,
+                        mode="sum",
+                        per_sample_weights=weights.view(-1, corners_per_bag),
+                    )
+                )
         ctx.layout = layout
         ctx.save_for_backward(table, locations, attention)
+        # One image in one chunk (the usual inference case) needs no copy.
+        output = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return output.view(batch, num_queries, heads * head_dim)
 
     @staticmethod

@@ -1,0 +1,171 @@
+"""R50 panoptic end to end (forward + panoptic post-processing) at 800x1088 on CPU: our fast path against our
+reference path and against Hugging Face transformers' eager Mask2Former.
+
+- fast: `optimize_for_inference` (FrozenBN folded), the corner-gather deformable attention, intermediate
+  masks at attention-mask size, official panoptic post-processing (`speed.run_stages`).
+- reference: the same weights unfolded, grid_sample deformable attention, every intermediate mask at
+  full resolution (the decoder run with aux outputs, then dropped), same post-processing.
+- huggingface: Mask2FormerForUniversalSegmentation built offline from a Mask2FormerConfig with a
+  ResNet-50 backbone (bottleneck [3, 4, 6, 3], 256..2048; 100 queries, 9 decoder layers, 6 encoder layers),
+  random init, eager, then its image processor's post_process_panoptic_segmentation at the input size.
+  Same architecture and FLOPs, independent random weights (no HF<->ours weight converter in this tree yet);
+  the work done does not depend on the weight values except post-processing, which keeps almost no query
+  for any random model and so costs little everywhere.
+
+Same input tensor for all, 1 thread by default, torch.inference_mode. The first run of each contender is an
+untimed warm-up (and the fast/reference parity check); then --runs rounds, interleaved (fast, reference,
+huggingface, fast, ...) so drifting machine load hits all alike; min, median and median of per-round ratios.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python bench/bench_end_to_end.py [--runs 3] [--threads 1] [--size 800x1088]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+
+import mask2former
+from mask2former.speed import STAGES, optimize_for_inference, reference_path, run_stages
+
+
+def build_huggingface(num_classes: int):
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # "resnet is not a supported backbone" is about pretrained weights only
+    backbone = ResNetConfig(
+        depths=[3, 4, 6, 3],
+        hidden_sizes=[256, 512, 1024, 2048],
+        layer_type="bottleneck",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone, num_labels=num_classes, use_pretrained_backbone=False
+    )
+    torch.manual_seed(0)
+    return Mask2FormerForUniversalSegmentation(config).eval()
+
+
+def huggingface_processor():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from transformers import Mask2FormerImageProcessorPil as Processor
+        except ImportError:  # older transformers
+            from transformers import Mask2FormerImageProcessor as Processor
+    return Processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="coco-panoptic-r50")
+    parser.add_argument("--size", default="800x1088", help="HxW, multiples of 32")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-huggingface", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    height, width = (int(side) for side in args.size.split("x"))
+
+    config = mask2former.get_preset(args.preset)
+    model = mask2former.build(config, seed=0).requires_grad_(False)
+    reference_model = copy.deepcopy(model).eval()
+    fast_model = optimize_for_inference(model)
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    stage_times: dict[str, dict[str, list[float]]] = {"fast": {}, "reference": {}}
+
+    def timed_stages(path: str):
+        @contextlib.contextmanager
+        def context(name: str):
+            start = time.perf_counter()
+            yield
+            stage_times[path].setdefault(name, []).append(time.perf_counter() - start)
+
+        return context
+
+    def fast(timed: bool = True) -> None:
+        run_stages(fast_model, images, config, timed_stages("fast") if timed else _untimed)
+
+    def reference(timed: bool = True) -> None:
+        with reference_path():
+            run_stages(
+                reference_model,
+                images,
+                config,
+                timed_stages("reference") if timed else _untimed,
+                full_resolution_masks=True,
+            )
+
+    contenders = {"fast": fast, "reference": reference}
+    if not args.no_huggingface:
+        hf_model = build_huggingface(config.num_classes)
+        processor = huggingface_processor()
+
+        def huggingface(timed: bool = True) -> None:
+            with torch.inference_mode():
+                outputs = hf_model(pixel_values=images)
+                processor.post_process_panoptic_segmentation(outputs, target_sizes=[(height, width)])
+
+        contenders["huggingface"] = huggingface
+        ours = sum(p.numel() for p in fast_model.parameters()) / 1e6
+        theirs = sum(p.numel() for p in hf_model.parameters()) / 1e6
+        print(f"parameters: ours {ours:.2f}M (BN folded), Hugging Face {theirs:.2f}M")
+
+    # Warm-up, and the parity of the two paths of our model on this input.
+    with torch.inference_mode():
+        got = fast_model(images)
+        with reference_path():
+            expected = reference_model(images, return_aux=True)
+    for key in ("pred_logits", "pred_masks"):
+        difference = (got[key] - expected[key]).abs().max().item()
+        print(
+            f"max |fast - reference| {key}: {difference:.2e} (values up to {expected[key].abs().max():.1f})"
+        )
+    for run in contenders.values():
+        run(timed=False)
+    stage_times["fast"].clear()
+    stage_times["reference"].clear()
+
+    totals: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.runs):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            run()
+            totals[name].append(time.perf_counter() - start)
+
+    print(
+        f"\n{args.preset} (random weights), input 1x3x{height}x{width}, {args.threads} thread(s), "
+        f"{args.runs} interleaved runs after 1 warm-up"
+    )
+    print(f"{'':14s} {'min s':>7s} {'median s':>9s}   per-stage median s ({', '.join(STAGES)})")
+    for name, values in totals.items():
+        stages = stage_times.get(name, {})
+        per_stage = " ".join(f"{statistics.median(stages[s]):6.2f}" for s in STAGES) if stages else ""
+        print(f"{name:14s} {min(values):7.2f} {statistics.median(values):9.2f}   {per_stage}")
+    for name in contenders:
+        if name == "fast":
+            continue
+        paired = [other / mine for other, mine in zip(totals[name], totals["fast"], strict=True)]
+        print(
+            f"fast vs {name}: {min(totals[name]) / min(totals['fast']):.2f}x faster (min/min), "
+            f"{statistics.median(paired):.2f}x (median of paired runs)"
+        )
+
+
+@contextlib.contextmanager
+def _untimed_context():
+    yield
+
+
+def _untimed(name: str):
+    return _untimed_context()
+
+
+if __name__ == "__main__":
+    main()
