@@ -1,0 +1,459 @@
+"""Hugging Face transformers Mask2Former folders (config.json + weights) <-> our config and state dicts.
+
+Works without transformers installed: the key mapping is written out from the module structure of
+`Mask2FormerForUniversalSegmentation`. Names are those its `save_pretrained` writes (the transformers 4.x
+layout, which 5.x still writes and renames on load); the 5.x in-memory names of the Swin backbone
+(`swin.` prefix, `q_proj`/`k_proj`/`v_proj`/`o_proj`, `mlp.fc1`) are accepted too.
+
+What HF stores differently from the official model:
+- separate q/k/v projections where the official model has one fused matrix (Swin `attn.qkv`, the decoder's
+  self-attention `in_proj_weight`): concatenated / split in q, k, v order;
+- ResNet as HF's `ResNetBackbone`: BatchNorm2d (identical to FrozenBatchNorm in eval mode; its
+  `num_batches_tracked` counters are dropped) and, for `downsample_in_bottleneck=True`, the stride in the
+  first 1x1 conv, which our detectron2-style ResNet (stride in the 3x3) cannot represent;
+- `decoder_layers` counts DEC_LAYERS (layers + 1); one `num_attention_heads` for both attentions; GroupNorm
+  with 32 groups and 4 sampling points fixed in code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mask2former.checkpoints.io import CheckpointError, _atomic_write
+from mask2former.checkpoints.safe_pickle import load_torch_file
+from mask2former.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+NO_OBJECT_WEIGHT = 0.1
+HF_GROUPS, HF_POINTS = 32, 4  # hard-coded in transformers' Mask2Former pixel decoder
+
+ENC = "model.pixel_level_module.encoder."  # backbone
+PIX = "model.pixel_level_module.decoder."  # pixel decoder
+TRF = "model.transformer_module."  # transformer decoder
+# transformers >= 5 in-memory Swin names -> the names save_pretrained writes (checked in this order)
+_MODERN_SWIN = (
+    (
+        ".attention.relative_position_bias.relative_position_bias_table",
+        ".attention.self.relative_position_bias_table",
+    ),
+    (".attention.q_proj.", ".attention.self.query."),
+    (".attention.k_proj.", ".attention.self.key."),
+    (".attention.v_proj.", ".attention.self.value."),
+    (".attention.o_proj.", ".attention.output.dense."),
+    (".mlp.fc1.", ".intermediate.dense."),
+    (".mlp.fc2.", ".output.dense."),
+)
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    config_path = Path(path) / CONFIG_NAME
+    if not config_path.is_file():
+        return False
+    try:
+        return json.loads(config_path.read_text()).get("model_type") == "mask2former"
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, weights) of a save_pretrained folder: safetensors (sharded or not) or .bin."""
+    path = Path(path)
+    try:
+        hf_config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path / CONFIG_NAME}: unreadable ({error})") from None
+    index = path / "model.safetensors.index.json"
+    try:
+        if (path / WEIGHTS_NAME).is_file():
+            return hf_config, load_file(str(path / WEIGHTS_NAME))
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(str(path / shard)))
+            return hf_config, state
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: unreadable weights ({type(error).__name__}: {error})") from None
+    if (path / "pytorch_model.bin").is_file():
+        return hf_config, load_torch_file(path / "pytorch_model.bin")
+    raise CheckpointError(f"{path}: no {WEIGHTS_NAME}, sharded safetensors or pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+# Settings our model hard-wires, in transformers' names: written on export, required on import. Each equals
+# transformers' default, so an absent key passes.
+FIXED = {
+    "pre_norm": False,
+    "common_stride": 4,
+    "feature_strides": [4, 8, 16, 32],
+    "activation_function": "relu",
+}
+FIXED_SWIN = {"num_channels": 3, "patch_size": 4, "mlp_ratio": 4.0, "qkv_bias": True, "hidden_act": "gelu"}
+FIXED_SWIN |= {"use_absolute_embeddings": False, "layer_norm_eps": 1e-5, "out_features": STAGES}
+FIXED_RESNET = {"num_channels": 3, "layer_type": "bottleneck", "hidden_act": "relu", "out_features": STAGES}
+FIXED_RESNET |= {"downsample_in_first_stage": False, "downsample_in_bottleneck": False}
+WHY = {"downsample_in_bottleneck": "HF's stride in the first 1x1 conv; ours strides the 3x3 as detectron2"}
+
+
+def _check_fixed(given: dict, fixed: dict, source: str) -> None:
+    for key, value in fixed.items():
+        if given.get(key) is not None and given[key] != value:
+            why = f" ({WHY[key]})" if key in WHY else ""
+            raise CheckpointError(f"{source}: {key}={given[key]!r}{why}; our model needs {value!r}")
+
+
+def config_from_hf(hf: dict, source: str) -> tuple[ModelConfig, list[str] | None]:
+    """(ModelConfig with generic class names, the id2label names or None when they are LABEL_i defaults)."""
+
+    def get(key: str, default):
+        return default if hf.get(key) is None else hf[key]
+
+    if hf.get("use_timm_backbone") or hf.get("backbone"):
+        raise CheckpointError(f"{source}: timm / hub backbones are not supported (only backbone_config)")
+    _check_fixed(hf, FIXED, source)
+    backbone = _backbone_from_hf(hf.get("backbone_config"), source)
+    conv_dim, hidden_dim, heads = (
+        get("feature_size", 256),
+        get("hidden_dim", 256),
+        get("num_attention_heads", 8),
+    )
+    if get("enforce_input_projection", False) and conv_dim == hidden_dim:
+        raise CheckpointError(f"{source}: enforce_input_projection=True with feature_size == hidden_dim")
+    if conv_dim % HF_GROUPS:
+        raise CheckpointError(f"{source}: feature_size {conv_dim} is not a multiple of GroupNorm's 32 groups")
+    pixel_decoder = PixelDecoderConfig(
+        conv_dim=conv_dim,
+        mask_dim=get("mask_feature_size", 256),
+        num_encoder_layers=get("encoder_layers", 6),
+        num_heads=heads,
+        num_points=HF_POINTS,
+        ffn_dim=get("encoder_feedforward_dim", 1024),
+        num_groups=HF_GROUPS,
+    )
+    decoder = TransformerDecoderConfig(
+        hidden_dim=hidden_dim,
+        num_queries=get("num_queries", 100),
+        nheads=heads,
+        dim_feedforward=get("dim_feedforward", 2048),
+        dec_layers=get("decoder_layers", 10) - 1,  # HF counts DEC_LAYERS, the layers + 1
+    )
+    id2label = {int(k): v for k, v in get("id2label", {}).items()}
+    num_classes = len(id2label) if id2label else get("num_labels", 2)
+    names = [str(id2label.get(i, f"LABEL_{i}")) for i in range(num_classes)]
+    generic = all(name == f"LABEL_{i}" for i, name in enumerate(names))
+    classes = [f"class_{i}" for i in range(num_classes)]
+    config = ModelConfig(backbone=backbone, pixel_decoder=pixel_decoder, decoder=decoder, class_names=classes)
+    return config, (None if generic else names)
+
+
+def _backbone_from_hf(bb: dict | None, source: str) -> BackboneConfig:
+    # No backbone_config: transformers builds its default, a Swin with depths [2, 2, 18, 2].
+    bb = bb or {"model_type": "swin", "depths": [2, 2, 18, 2]}
+
+    def get(key: str, default):
+        return default if bb.get(key) is None else bb[key]
+
+    kind = bb.get("model_type")
+    if kind not in ("swin", "resnet"):
+        raise CheckpointError(f"{source}: a {kind!r} backbone; only swin and resnet are supported")
+    _check_fixed(bb, FIXED_SWIN if kind == "swin" else FIXED_RESNET, source)
+    depths = tuple(get("depths", [2, 2, 6, 2] if kind == "swin" else [3, 4, 6, 3]))
+    if len(depths) != 4:
+        raise CheckpointError(f"{source}: a backbone with {len(depths)} stages; 4 are needed")
+    if kind == "swin":
+        return BackboneConfig(
+            kind="swin",
+            embed_dim=get("embed_dim", 96),
+            depths=depths,
+            num_heads=tuple(get("num_heads", [3, 6, 12, 24])),
+            window_size=get("window_size", 7),
+            pretrain_img_size=get("image_size", 224),
+            drop_path_rate=float(get("drop_path_rate", 0.1)),
+        )
+    widths = list(get("hidden_sizes", [256, 512, 1024, 2048]))
+    if widths != [widths[0] * 2**i for i in range(4)]:
+        raise CheckpointError(f"{source}: ResNet widths {widths}; ours double per stage")
+    return BackboneConfig(
+        kind="resnet", layers=depths, stem_channels=get("embedding_size", 64), res2_channels=widths[0]
+    )
+
+
+def hf_config_from_ours(config: ModelConfig, target: str) -> dict:
+    """config.json for transformers' Mask2FormerForUniversalSegmentation (CheckpointError if impossible)."""
+    pd, dec, bb = config.pixel_decoder, config.decoder, config.backbone
+    groups = math.gcd(pd.num_groups, pd.conv_dim)  # what our group_norm builds
+    problems = []
+    if groups != HF_GROUPS:
+        problems.append(f"GroupNorm with {groups} groups (transformers hard-codes 32)")
+    if pd.num_points != HF_POINTS:
+        problems.append(f"{pd.num_points} sampling points (transformers hard-codes 4)")
+    if pd.num_heads != dec.nheads:
+        problems.append(f"{pd.num_heads} pixel-decoder vs {dec.nheads} decoder heads (one setting in HF)")
+    if problems:
+        raise CheckpointError(f"{target}: cannot export to Hugging Face: " + "; ".join(problems))
+    if bb.kind == "swin":
+        backbone = {"model_type": "swin", **FIXED_SWIN, "embed_dim": bb.embed_dim, "depths": list(bb.depths)}
+        backbone |= {"num_heads": list(bb.num_heads), "window_size": bb.window_size}
+        backbone |= {"image_size": bb.pretrain_img_size, "drop_path_rate": bb.drop_path_rate}
+    else:
+        widths = [bb.res2_channels * 2**i for i in range(4)]
+        backbone = {"model_type": "resnet", **FIXED_RESNET, "embedding_size": bb.stem_channels}
+        backbone |= {"hidden_sizes": widths, "depths": list(bb.layers)}
+    sizes = {
+        "feature_size": pd.conv_dim,
+        "mask_feature_size": pd.mask_dim,
+        "hidden_dim": dec.hidden_dim,
+        "encoder_feedforward_dim": pd.ffn_dim,
+        "encoder_layers": pd.num_encoder_layers,
+        "decoder_layers": dec.dec_layers + 1,
+        "num_attention_heads": dec.nheads,
+        "dim_feedforward": dec.dim_feedforward,
+        "num_queries": dec.num_queries,
+    }
+    names = config.class_names
+    return {
+        "model_type": "mask2former",
+        "architectures": ["Mask2FormerForUniversalSegmentation"],
+        "backbone_config": backbone,
+        **sizes,
+        **FIXED,
+        "enforce_input_projection": False,
+        "dropout": 0.0,
+        "no_object_weight": NO_OBJECT_WEIGHT,
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Key mapping, written out from both module structures for one config.
+
+
+def key_mapping(config: ModelConfig) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[str, str, str]]]]:
+    """(renames [(our key, HF key)], fused [(our key, (HF q, HF k, HF v keys))]) for `config`."""
+    renames: list[tuple[str, str]] = []
+    fused: list[tuple[str, tuple[str, str, str]]] = []
+
+    def pair(ours: str, hf: str, params: tuple[str, ...] = ("weight", "bias")) -> None:
+        renames.extend((f"{ours}.{p}", f"{hf}.{p}") for p in params)
+
+    def fuse(
+        ours: str, hf_modules: tuple[str, ...], our_params: tuple[str, str] = ("weight", "bias")
+    ) -> None:
+        for our_param, hf_param in zip(our_params, ("weight", "bias"), strict=True):
+            fused.append((f"{ours}{our_param}", tuple(f"{m}.{hf_param}" for m in hf_modules)))
+
+    if config.backbone.kind == "swin":
+        _swin_keys(config.backbone, pair, fuse)
+    else:
+        _resnet_keys(config.backbone, pair)
+
+    pd = config.pixel_decoder
+    for i in range(3):
+        for j in range(2):
+            pair(f"sem_seg_head.pixel_decoder.input_proj.{i}.{j}", f"{PIX}input_projections.{i}.{j}")
+    renames.append(("sem_seg_head.pixel_decoder.transformer.level_embed", f"{PIX}level_embed"))
+    for i in range(pd.num_encoder_layers):
+        ours, hf = f"sem_seg_head.pixel_decoder.transformer.encoder.layers.{i}", f"{PIX}encoder.layers.{i}"
+        for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
+            pair(f"{ours}.self_attn.{name}", f"{hf}.self_attn.{name}")
+        for our_name, hf_name in (("norm1", "self_attn_layer_norm"), ("linear1", "fc1"), ("linear2", "fc2")):
+            pair(f"{ours}.{our_name}", f"{hf}.{hf_name}")
+        pair(f"{ours}.norm2", f"{hf}.final_layer_norm")
+    pair("sem_seg_head.pixel_decoder.mask_features", f"{PIX}mask_projection")
+    for name in ("adapter_1", "layer_1"):  # detectron2 Conv2d owning its norm vs HF Sequential(conv, norm)
+        pair(f"sem_seg_head.pixel_decoder.{name}", f"{PIX}{name}.0", ("weight",))
+        pair(f"sem_seg_head.pixel_decoder.{name}.norm", f"{PIX}{name}.1")
+
+    dec, pred = config.decoder, "sem_seg_head.predictor"
+    pair(f"{pred}.query_feat", f"{TRF}queries_features", ("weight",))
+    pair(f"{pred}.query_embed", f"{TRF}queries_embedder", ("weight",))
+    pair(f"{pred}.level_embed", f"{TRF}level_embed", ("weight",))
+    if pd.conv_dim != dec.hidden_dim:
+        for i in range(3):
+            pair(f"{pred}.input_proj.{i}", f"{TRF}input_projections.{i}")
+    pair(f"{pred}.decoder_norm", f"{TRF}decoder.layernorm")
+    for k in range(3):
+        pair(f"{pred}.mask_embed.layers.{k}", f"{TRF}decoder.mask_predictor.mask_embedder.{k}.0")
+    for i in range(dec.dec_layers):
+        hf = f"{TRF}decoder.layers.{i}"
+        self_attn = f"{pred}.transformer_self_attention_layers.{i}"
+        q_k_v = tuple(f"{hf}.self_attn.{x}_proj" for x in "qkv")
+        fuse(f"{self_attn}.self_attn.", q_k_v, ("in_proj_weight", "in_proj_bias"))
+        pair(f"{self_attn}.self_attn.out_proj", f"{hf}.self_attn.out_proj")
+        pair(f"{self_attn}.norm", f"{hf}.self_attn_layer_norm")
+        cross = f"{pred}.transformer_cross_attention_layers.{i}"
+        renames.append((f"{cross}.multihead_attn.in_proj_weight", f"{hf}.cross_attn.in_proj_weight"))
+        renames.append((f"{cross}.multihead_attn.in_proj_bias", f"{hf}.cross_attn.in_proj_bias"))
+        pair(f"{cross}.multihead_attn.out_proj", f"{hf}.cross_attn.out_proj")
+        pair(f"{cross}.norm", f"{hf}.cross_attn_layer_norm")
+        ffn = f"{pred}.transformer_ffn_layers.{i}"
+        pair(f"{ffn}.linear1", f"{hf}.fc1")
+        pair(f"{ffn}.linear2", f"{hf}.fc2")
+        pair(f"{ffn}.norm", f"{hf}.final_layer_norm")
+    pair(f"{pred}.class_embed", "class_predictor")
+    return renames, fused
+
+
+def _swin_keys(bb: BackboneConfig, pair, fuse) -> None:
+    pair("backbone.patch_embed.proj", f"{ENC}embeddings.patch_embeddings.projection")
+    pair("backbone.patch_embed.norm", f"{ENC}embeddings.norm")
+    for i, depth in enumerate(bb.depths):
+        for j in range(depth):
+            ours, hf = f"backbone.layers.{i}.blocks.{j}", f"{ENC}encoder.layers.{i}.blocks.{j}"
+            pair(f"{ours}.norm1", f"{hf}.layernorm_before")
+            pair(f"{ours}.attn", f"{hf}.attention.self", ("relative_position_bias_table",))
+            fuse(f"{ours}.attn.qkv.", tuple(f"{hf}.attention.self.{x}" for x in ("query", "key", "value")))
+            pair(f"{ours}.attn.proj", f"{hf}.attention.output.dense")
+            pair(f"{ours}.norm2", f"{hf}.layernorm_after")
+            pair(f"{ours}.mlp.fc1", f"{hf}.intermediate.dense")
+            pair(f"{ours}.mlp.fc2", f"{hf}.output.dense")
+        if i < len(bb.depths) - 1:
+            pair(
+                f"backbone.layers.{i}.downsample.reduction",
+                f"{ENC}encoder.layers.{i}.downsample.reduction",
+                ("weight",),
+            )
+            pair(f"backbone.layers.{i}.downsample.norm", f"{ENC}encoder.layers.{i}.downsample.norm")
+        pair(f"backbone.norm{i}", f"{ENC}hidden_states_norms.stage{i + 1}")
+
+
+_BN = ("weight", "bias", "running_mean", "running_var")
+
+
+def _resnet_keys(bb: BackboneConfig, pair) -> None:
+    pair("backbone.stem.conv1", f"{ENC}embedder.embedder.convolution", ("weight",))
+    pair("backbone.stem.conv1.norm", f"{ENC}embedder.embedder.normalization", _BN)
+    in_channels = bb.stem_channels
+    for s, depth in enumerate(bb.layers):
+        out_channels = bb.res2_channels * 2**s
+        for b in range(depth):
+            ours, hf = f"backbone.res{s + 2}.{b}", f"{ENC}encoder.stages.{s}.layers.{b}"
+            # detectron2 projects when channels change; HF also when the stride is 2, which with doubling
+            # widths is the same set of blocks (the first of each stage).
+            if b == 0 and in_channels != out_channels:
+                pair(f"{ours}.shortcut", f"{hf}.shortcut.convolution", ("weight",))
+                pair(f"{ours}.shortcut.norm", f"{hf}.shortcut.normalization", _BN)
+            for n in range(3):
+                pair(f"{ours}.conv{n + 1}", f"{hf}.layer.{n}.convolution", ("weight",))
+                pair(f"{ours}.conv{n + 1}.norm", f"{hf}.layer.{n}.normalization", _BN)
+        in_channels = out_channels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights.
+
+
+def _saved_name(key: str) -> str:
+    """A transformers >= 5 in-memory backbone name -> the name save_pretrained writes (others unchanged)."""
+    if not key.startswith(ENC):
+        return key
+    rest = key[len(ENC) :]
+    rest = rest[len("swin.") :] if rest.startswith("swin.") else rest
+    for modern, saved in _MODERN_SWIN:
+        rest = rest.replace(modern, saved)
+    return ENC + rest
+
+
+def _not_a_weight(key: str) -> str | None:
+    """Why an HF entry is no network weight of ours (derived buffer, counter, loss, unused norm), or None."""
+    if key.endswith("num_batches_tracked"):
+        return "BatchNorm num_batches_tracked"
+    if key.endswith("relative_position_index"):
+        return "relative_position_index (derived from the window size)"
+    if key == "criterion.empty_weight":
+        return "criterion.empty_weight (loss class weights)"
+    if key.startswith(f"{ENC}layernorm."):
+        return "SwinModel's final layernorm (unused by the backbone)"
+    return None
+
+
+def hf_to_ours(
+    hf_state: dict[str, torch.Tensor], config: ModelConfig, source: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF weights -> our state dict (strict: every HF weight used, every one of ours found)."""
+    hf_state = {_saved_name(k): v for k, v in hf_state.items()}
+    renames, fused = key_mapping(config)
+    used, missing, ours = set(), [], {}
+    for our_key, hf_key in renames:
+        if hf_key in hf_state:
+            ours[our_key] = hf_state[hf_key]
+            used.add(hf_key)
+        else:
+            missing.append(hf_key)
+    for our_key, parts in fused:
+        if all(p in hf_state for p in parts):
+            ours[our_key] = torch.cat([hf_state[p] for p in parts], dim=0)
+            used.update(parts)
+        else:
+            missing.extend(p for p in parts if p not in hf_state)
+    ignored = {_not_a_weight(k) for k in hf_state if k not in used} - {None}
+    unexpected = [k for k in hf_state if k not in used and _not_a_weight(k) is None]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} HF keys (first {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} HF keys (first {unexpected[0]})")
+        raise CheckpointError(f"{source}: weights do not match config.json: {'; '.join(parts)}")
+    notes = []
+    if ignored:
+        notes.append(f"dropped HF entries that are not network weights: {', '.join(sorted(ignored))}")
+    return ours, notes
+
+
+def ours_to_hf(state: dict[str, torch.Tensor], config: ModelConfig, target: str) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF weights in save_pretrained's layout (each tensor its own contiguous copy)."""
+    renames, fused = key_mapping(config)
+    missing = [k for k, _ in renames if k not in state] + [k for k, _ in fused if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{target}: our weights lack {len(missing)} keys for this config (first {missing[0]})"
+        )
+    hf = {hf_key: state[our_key] for our_key, hf_key in renames}
+    for our_key, parts in fused:
+        for part, chunk in zip(parts, state[our_key].chunk(3, dim=0), strict=True):
+            hf[part] = chunk
+    if config.backbone.kind == "swin":
+        # transformers 5 builds (and saves) SwinModel's final norm, which the backbone never applies;
+        # writing an identity norm keeps from_pretrained from reporting it missing.
+        width = config.backbone.embed_dim * 2 ** (len(config.backbone.depths) - 1)
+        hf[f"{ENC}swin.layernorm.weight"] = torch.ones(width)
+        hf[f"{ENC}swin.layernorm.bias"] = torch.zeros(width)
+    if config.backbone.kind == "resnet":  # HF's BatchNorm2d counters (unused in eval mode)
+        for key in [k for k in hf if k.endswith(".normalization.running_mean")]:
+            hf[key.replace("running_mean", "num_batches_tracked")] = torch.zeros((), dtype=torch.long)
+    empty_weight = torch.ones(config.num_classes + 1)
+    empty_weight[-1] = NO_OBJECT_WEIGHT
+    hf["criterion.empty_weight"] = empty_weight
+    # safetensors refuses tensors sharing memory (the q/k/v chunks do): give each its own storage.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in hf.items()}
+
+
+def write_hf_folder(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path) -> Path:
+    """A folder transformers' Mask2FormerForUniversalSegmentation.from_pretrained loads."""
+    out_dir = Path(out_dir)
+    hf_config = hf_config_from_ours(config, str(out_dir))
+    tensors = ours_to_hf(state, config, str(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # transformers checks the "format" metadata of safetensors files it loads.
+    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(hf_config, handle, indent=2)
+
+    _atomic_write(out_dir / CONFIG_NAME, write_json)
+    return out_dir
