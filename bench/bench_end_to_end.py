@@ -5,6 +5,8 @@ reference path and against Hugging Face transformers' eager Mask2Former.
   masks at attention-mask size, official panoptic post-processing (`speed.run_stages`).
 - reference: the same weights unfolded, grid_sample deformable attention, every intermediate mask at
   full resolution (the decoder run with aux outputs, then dropped), same post-processing.
+- fast, reuse memory: the fast path with glibc keeping freed memory for reuse (`speed.set_allocator`, opt-in,
+  process-wide), switched on around these runs only.
 - huggingface: Mask2FormerForUniversalSegmentation built offline from a Mask2FormerConfig with a
   ResNet-50 backbone (bottleneck [3, 4, 6, 3], 256..2048; 100 queries, 9 decoder layers, 6 encoder layers),
   random init, eager, then its image processor's post_process_panoptic_segmentation at the input size.
@@ -31,7 +33,7 @@ import warnings
 import torch
 
 import mask2former
-from mask2former.speed import STAGES, optimize_for_inference, reference_path, run_stages
+from mask2former.speed import STAGES, allocator, optimize_for_inference, reference_path, run_stages
 
 
 def build_huggingface(num_classes: int):
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-huggingface", action="store_true")
+    parser.add_argument("--no-reuse-memory", action="store_true", help="skip the 'fast, reuse memory' runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     height, width = (int(side) for side in args.size.split("x"))
@@ -102,7 +105,14 @@ def main() -> None:
                 full_resolution_masks=True,
             )
 
+    def fast_reusing_memory(timed: bool = True) -> None:
+        with allocator("reuse"):
+            run_stages(fast_model, images, config, timed_stages("fast, reuse memory") if timed else _untimed)
+
+    stage_times["fast, reuse memory"] = {}
     contenders = {"fast": fast, "reference": reference}
+    if not args.no_reuse_memory:
+        contenders["fast, reuse memory"] = fast_reusing_memory
     if not args.no_huggingface:
         hf_model = build_huggingface(config.num_classes)
         processor = huggingface_processor()
@@ -129,8 +139,8 @@ def main() -> None:
         )
     for run in contenders.values():
         run(timed=False)
-    stage_times["fast"].clear()
-    stage_times["reference"].clear()
+    for times in stage_times.values():
+        times.clear()
 
     totals: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.runs):
@@ -143,18 +153,24 @@ def main() -> None:
         f"\n{args.preset} (random weights), input 1x3x{height}x{width}, {args.threads} thread(s), "
         f"{args.runs} interleaved runs after 1 warm-up"
     )
-    print(f"{'':14s} {'min s':>7s} {'median s':>9s}   per-stage median s ({', '.join(STAGES)})")
+    print(f"{'':20s} {'min s':>7s} {'median s':>9s}   per-stage median s ({', '.join(STAGES)})")
     for name, values in totals.items():
         stages = stage_times.get(name, {})
         per_stage = " ".join(f"{statistics.median(stages[s]):6.2f}" for s in STAGES) if stages else ""
-        print(f"{name:14s} {min(values):7.2f} {statistics.median(values):9.2f}   {per_stage}")
-    for name in contenders:
-        if name == "fast":
+        print(f"{name:20s} {min(values):7.2f} {statistics.median(values):9.2f}   {per_stage}")
+    for name in ("reference", "huggingface"):
+        if name not in contenders:
             continue
         paired = [other / mine for other, mine in zip(totals[name], totals["fast"], strict=True)]
         print(
             f"fast vs {name}: {min(totals[name]) / min(totals['fast']):.2f}x faster (min/min), "
             f"{statistics.median(paired):.2f}x (median of paired runs)"
+        )
+    if "fast, reuse memory" in totals:
+        reuse, plain = totals["fast, reuse memory"], totals["fast"]
+        print(
+            f"fast with glibc reusing freed memory (speed.set_allocator('reuse'), process-wide, opt-in): "
+            f"{min(plain) / min(reuse):.2f}x the default allocator's fast path (min/min)"
         )
 
 

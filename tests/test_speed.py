@@ -25,11 +25,13 @@ from mask2former.speed import (
     OneDNNConv2d,
     OneDNNLinear,
     PeakMemory,
+    allocator,
     has_frozen_batchnorm,
     matmul_peak_gflops,
     onednn_available,
     optimize_for_inference,
     plain_kernels,
+    set_allocator,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -233,6 +235,17 @@ def test_peak_memory_sees_a_large_allocation():
     if not peak.available:
         pytest.skip("/proc/self/clear_refs is not writable here")
     assert peak.bytes >= 48 * 2**20
+
+
+def test_allocator_modes_switch_and_restore():
+    if not set_allocator("reuse"):
+        pytest.skip("glibc is not the allocator here")
+    try:
+        with allocator("release") as released:
+            assert released
+            torch.ones(2**20).sum()
+    finally:
+        assert set_allocator("default")
 
 
 def test_matmul_peak_is_positive():
