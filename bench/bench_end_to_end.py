@@ -7,12 +7,13 @@ reference path and against Hugging Face transformers' eager Mask2Former.
   full resolution (the decoder run with aux outputs, then dropped), same post-processing.
 - fast, reuse memory: the fast path with glibc keeping freed memory for reuse (`speed.set_allocator`, opt-in,
   process-wide), switched on around these runs only.
-- huggingface: Mask2FormerForUniversalSegmentation built offline from a Mask2FormerConfig with a
-  ResNet-50 backbone (bottleneck [3, 4, 6, 3], 256..2048; 100 queries, 9 decoder layers, 6 encoder layers),
-  random init, eager, then its image processor's post_process_panoptic_segmentation at the input size.
-  Same architecture and FLOPs, independent random weights (no HF<->ours weight converter in this tree yet);
-  the work done does not depend on the weight values except post-processing, which keeps almost no query
-  for any random model and so costs little everywhere.
+- huggingface: transformers' Mask2FormerForUniversalSegmentation with a ResNet-50 backbone (bottleneck
+  [3, 4, 6, 3], 256..2048; 100 queries, 9 decoder layers, 6 encoder layers), built offline, eager, then its
+  image processor's post_process_panoptic_segmentation at the input size. It gets our random weights through
+  `checkpoints.huggingface.write_hf_folder` + from_pretrained (offline), so both compute the same function
+  (the bench prints how far apart the outputs are); without that converter it falls back to the same
+  architecture with independent random weights. Post-processing keeps almost no query for a random model
+  (scores below 0.8), so it costs little everywhere.
 
 Same input tensor for all, 1 thread by default, torch.inference_mode. The first run of each contender is an
 untimed warm-up (and the fast/reference parity check); then --runs rounds, interleaved (fast, reference,
@@ -36,22 +37,37 @@ import mask2former
 from mask2former.speed import STAGES, allocator, optimize_for_inference, reference_path, run_stages
 
 
-def build_huggingface(num_classes: int):
+def build_huggingface(model: torch.nn.Module, config) -> tuple[torch.nn.Module, str]:
+    """(HF Mask2FormerForUniversalSegmentation with `model`'s weights, how they were obtained).
+
+    Through our checkpoint converter when it is there (write_hf_folder, then from_pretrained offline);
+    otherwise the same architecture from a Mask2FormerConfig with independent random weights."""
+    import tempfile
+
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # "resnet is not a supported backbone" is about pretrained weights only
+    try:
+        from mask2former.checkpoints.huggingface import write_hf_folder
+    except ImportError:
+        write_hf_folder = None
+    if write_hf_folder is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            write_hf_folder(model.state_dict(), config, folder)
+            hf = Mask2FormerForUniversalSegmentation.from_pretrained(folder)
+        return hf.eval(), "the same weights (checkpoints.huggingface.write_hf_folder)"
     backbone = ResNetConfig(
         depths=[3, 4, 6, 3],
         hidden_sizes=[256, 512, 1024, 2048],
         layer_type="bottleneck",
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-    config = Mask2FormerConfig(
-        backbone_config=backbone, num_labels=num_classes, use_pretrained_backbone=False
+    hf_config = Mask2FormerConfig(
+        backbone_config=backbone, num_labels=config.num_classes, use_pretrained_backbone=False
     )
     torch.manual_seed(0)
-    return Mask2FormerForUniversalSegmentation(config).eval()
+    return Mask2FormerForUniversalSegmentation(hf_config).eval(), "independent random weights"
 
 
 def huggingface_processor():
@@ -114,8 +130,10 @@ def main() -> None:
     if not args.no_reuse_memory:
         contenders["fast, reuse memory"] = fast_reusing_memory
     if not args.no_huggingface:
-        hf_model = build_huggingface(config.num_classes)
+        hf_model, provenance = build_huggingface(reference_model, config)
+        hf_model.requires_grad_(False)
         processor = huggingface_processor()
+        print(f"Hugging Face model: {provenance}")
 
         def huggingface(timed: bool = True) -> None:
             with torch.inference_mode():
@@ -123,9 +141,9 @@ def main() -> None:
                 processor.post_process_panoptic_segmentation(outputs, target_sizes=[(height, width)])
 
         contenders["huggingface"] = huggingface
-        ours = sum(p.numel() for p in fast_model.parameters()) / 1e6
+        ours = sum(p.numel() for p in reference_model.parameters()) / 1e6
         theirs = sum(p.numel() for p in hf_model.parameters()) / 1e6
-        print(f"parameters: ours {ours:.2f}M (BN folded), Hugging Face {theirs:.2f}M")
+        print(f"parameters: ours {ours:.2f}M, Hugging Face {theirs:.2f}M")
 
     # Warm-up, and the parity of the two paths of our model on this input.
     with torch.inference_mode():
@@ -137,6 +155,12 @@ def main() -> None:
         print(
             f"max |fast - reference| {key}: {difference:.2e} (values up to {expected[key].abs().max():.1f})"
         )
+    if "huggingface" in contenders:
+        with torch.inference_mode():
+            theirs = hf_model(pixel_values=images)
+        for key, hf_key in (("pred_logits", "class_queries_logits"), ("pred_masks", "masks_queries_logits")):
+            difference = (got[key] - getattr(theirs, hf_key)).abs().max().item()
+            print(f"max |fast - huggingface| {key}: {difference:.2e}")
     for run in contenders.values():
         run(timed=False)
     for times in stage_times.values():
