@@ -281,11 +281,6 @@ def test_export_refuses_configs_hf_cannot_represent(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.xfail(
-    reason="checkpoints/io.py is_our_format() takes any folder with model.safetensors + config.json for "
-    "ours, so api.load_model reads an HF folder with read_checkpoint (see the report)",
-    strict=False,
-)
 def test_mask2former_load_accepts_an_hf_folder(hf_folders):
     predictor = mask2former.load(hf_folders["resnet"][1])
     assert predictor.config.dataset == "synth"

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from mask2former.modeling import deform_attn
+from mask2former.modeling import deform_attn, deform_attn_fast
 from mask2former.modeling.deform_attn import (
     MSDeformAttn,
     bilinear_corners,
@@ -115,11 +115,11 @@ def test_non_finite_locations_do_not_index_out_of_range():
     torch.testing.assert_close(got.view(2, 7, 3, 3)[untouched], expected.view(2, 7, 3, 3)[untouched])
 
 
-def test_module_path_is_the_gather_path_in_eager_mode():
+def test_module_path_is_the_fast_path_in_eager_cpu_float32():
     value, locations, weights = random_inputs(SHAPES)
     assert torch.equal(
         ms_deform_attn(value, SHAPES, locations, weights),
-        ms_deform_attn_gather(value, SHAPES, locations, weights),
+        deform_attn_fast.ms_deform_attn_fast(value, SHAPES, locations, weights),
     )
 
 
@@ -129,7 +129,7 @@ def test_gradcheck_of_the_gather_path_in_float64():
         shapes, batch=1, queries=3, heads=2, head_dim=2, points=2, dtype=torch.float64, seed=3
     )
     inputs = tuple(t.requires_grad_() for t in (value, locations, weights))
-    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn(v, shapes, loc, w), inputs, eps=1e-6)
+    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn_gather(v, shapes, loc, w), inputs, eps=1e-6)
 
 
 def test_gather_path_in_half_precision_stays_close():
@@ -228,7 +228,10 @@ def test_dispatch_follows_export_state(monkeypatch):
     calls = []
     monkeypatch.setattr(deform_attn, "ms_deform_attn_reference", lambda *args: calls.append("ref") or 0)
     monkeypatch.setattr(deform_attn, "ms_deform_attn_gather", lambda *args: calls.append("gather") or 0)
-    deform_attn.ms_deform_attn(None, [], None, None)
+    monkeypatch.setattr(deform_attn_fast, "ms_deform_attn_fast", lambda *args: calls.append("fast") or 0)
+    value, locations, weights = random_inputs(SHAPES)
+    deform_attn.ms_deform_attn(value, SHAPES, locations, weights)
+    deform_attn.ms_deform_attn(value.half(), SHAPES, locations.half(), weights.half())
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    deform_attn.ms_deform_attn(None, [], None, None)
-    assert calls == ["gather", "ref"]
+    deform_attn.ms_deform_attn(value, SHAPES, locations, weights)
+    assert calls == ["fast", "gather", "ref"]

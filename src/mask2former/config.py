@@ -214,7 +214,7 @@ def synth_tiny() -> ModelConfig:
     """The bundled model: the same architecture with a reduced backbone and widths, for synthetic scenes."""
     config = ModelConfig(
         name="synth-tiny",
-        backbone=BackboneConfig(kind="resnet", layers=(1, 1, 2, 1), stem_channels=16, res2_channels=32),
+        backbone=BackboneConfig(kind="resnet", layers=(2, 2, 2, 2), stem_channels=32, res2_channels=64),
         pixel_decoder=PixelDecoderConfig(
             conv_dim=64,
             mask_dim=64,

@@ -22,8 +22,16 @@ class CheckpointError(ValueError):
 
 
 def is_our_format(path: str | Path) -> bool:
+    """A folder with model.safetensors and a config.json of ours (a Hugging Face folder can hold the same
+    two file names; its config.json has no "format_version" + "model" document)."""
     path = Path(path)
-    return path.is_dir() and (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()
+    if not (path.is_dir() and (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file()):
+        return False
+    try:
+        document = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(document, dict) and "format_version" in document and "model" in document
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mask2former", description="Mask2Former in pure PyTorch.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"mask2former.cli.{name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"mask2former.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"mask2former.cli.{name}").register(subparsers)
     return parser
 
 

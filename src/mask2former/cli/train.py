@@ -43,8 +43,22 @@ def register(subparsers) -> None:
         default=None,
         help="learning-rate factor of the backbone (official 0.1 for a pretrained backbone)",
     )
+    parser.add_argument(
+        "--backbone-norm",
+        choices=["frozen", "bn"],
+        default=None,
+        help="frozen: FrozenBatchNorm as the official models (pretrained backbone); bn: BatchNorm with batch "
+        "statistics while training, for a backbone trained from scratch (saved as FrozenBatchNorm)",
+    )
     parser.add_argument("--schedule", choices=["poly", "step", "cosine"], default=None)
-    parser.add_argument("--warmup-iters", type=int, default=None)
+    parser.add_argument("--warmup-iters", type=int, default=None, help="steps of linear warm-up")
+    parser.add_argument(
+        "--warmup-factor",
+        type=float,
+        default=None,
+        help="learning-rate factor at step 0 of the warm-up (official 1.0, i.e. no warm-up whatever "
+        "--warmup-iters says; e.g. 0.001 for detectron2's usual ramp)",
+    )
     parser.add_argument("--clip-grad-norm", type=float, default=None)
     parser.add_argument("--augment", choices=["lsj", "multiscale", "none"], default=None)
     parser.add_argument("--crop-size", type=int, default=None)
@@ -66,8 +80,10 @@ OVERRIDES = {
     "lr": "lr",
     "weight_decay": "weight_decay",
     "backbone_multiplier": "backbone_multiplier",
+    "backbone_norm": "backbone_norm",
     "schedule": "schedule",
     "warmup_iters": "warmup_iters",
+    "warmup_factor": "warmup_factor",
     "clip_grad_norm": "clip_grad_norm",
     "augment": "augment",
     "crop_size": "crop_size",

@@ -28,6 +28,7 @@ from mask2former.checkpoints.io import load_state_dict_strict, save_checkpoint
 from mask2former.config import ModelConfig
 from mask2former.data.collate import collate
 from mask2former.training import distributed as dist_utils
+from mask2former.training.batchnorm import BACKBONE_NORMS, frozen_state_dict, thaw_batchnorm
 from mask2former.training.criterion import SetCriterion, global_mean
 from mask2former.training.matcher import HungarianMatcher
 from mask2former.training.optim import build_optimizer, lr_factor, set_learning_rate
@@ -50,6 +51,7 @@ class TrainConfig:
     poly_power: float = 0.9
     milestones: tuple[int, ...] = ()
     warmup_iters: int = 0
+    warmup_factor: float = 1.0  # lr multiplier at step 0, rising linearly to 1 over warmup_iters (official 1.0)
     amp: bool = True  # used where the device supports it (CUDA fp16); CPU trains in fp32
     checkpoint_every: int = 500
     log_every: int = 10
@@ -67,6 +69,9 @@ class TrainConfig:
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
     device: str = "cpu"
+    # "frozen": the official FrozenBatchNorm backbone (fine-tuning pretrained weights); "bn": BatchNorm with
+    # batch statistics while training (a backbone from scratch), saved as FrozenBatchNorm (training/batchnorm.py)
+    backbone_norm: str = "frozen"
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -192,6 +197,10 @@ class Trainer:
         self.model = build_model(model_config).to(self.device).train()
         if init_weights is not None:
             load_state_dict_strict(self.model, init_weights, "initial weights")
+        if train_config.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone_norm {train_config.backbone_norm!r} is not one of {BACKBONE_NORMS}")
+        if train_config.backbone_norm == "bn":
+            thaw_batchnorm(self.model.backbone)
         self.ddp_model = self.model
         if self.world_size > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -287,6 +296,7 @@ class Trainer:
             config.poly_power,
             config.milestones,
             warmup_iters=config.warmup_iters,
+            warmup_factor=config.warmup_factor,
         )
         set_learning_rate(self.optimizer, factor)
         loss, losses = self.compute_gradients(batch)
@@ -354,7 +364,7 @@ class Trainer:
         progress.close()
         if self.rank == 0:
             save_checkpoint(
-                self.model.state_dict(),
+                frozen_state_dict(self.model.state_dict()),
                 self.model_config,
                 self.out_dir / "model",
                 extra={"trained_steps": self.step, "train_config": asdict(config)},
