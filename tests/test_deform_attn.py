@@ -129,7 +129,8 @@ def test_gradcheck_of_the_gather_path_in_float64():
         shapes, batch=1, queries=3, heads=2, head_dim=2, points=2, dtype=torch.float64, seed=3
     )
     inputs = tuple(t.requires_grad_() for t in (value, locations, weights))
-    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn_gather(v, shapes, loc, w), inputs, eps=1e-6)
+    function = lambda v, loc, w: ms_deform_attn_gather(v, shapes, loc, w)  # noqa: E731
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6)
 
 
 def test_gather_path_in_half_precision_stays_close():

@@ -23,7 +23,8 @@ def tiny_model_config():
     """synth-tiny shrunk further (~110k parameters): one step on a 64x64 image takes ~20 ms on one core."""
     config = get_preset("synth-tiny")
     config.name = "synth-test"
-    config.backbone.res2_channels, config.backbone.stem_channels, config.backbone.layers = 16, 16, (1, 1, 2, 1)
+    backbone = config.backbone
+    backbone.res2_channels, backbone.stem_channels, backbone.layers = 16, 16, (1, 1, 2, 1)
     pd = config.pixel_decoder
     pd.conv_dim, pd.mask_dim, pd.num_encoder_layers, pd.ffn_dim = 32, 32, 1, 64
     dec = config.decoder

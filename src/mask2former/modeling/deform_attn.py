@@ -5,14 +5,15 @@ attention-weighted sum of the bilinearly interpolated values (zero padding, alig
 
 - `ms_deform_attn_reference`: the seed's formulation (one grid_sample per level, stack, weight, sum). It is
   the ground truth every faster path is tested against; leave it as it is.
-- `ms_deform_attn_gather`: a forward-fast path for any dtype and device. The four bilinear corners of every sample become flat row
-  indices into the value table, the bilinear and attention weights fold into one weight per corner, and a
-  single weighted `embedding_bag` sums them without materialising the (Lq, L*P*4, D) samples.
+- `ms_deform_attn_gather`: a fast forward for any dtype and device. The four bilinear corners of every
+  sample become flat row indices into the value table, the bilinear and attention weights fold into one
+  weight per corner, and a single weighted `embedding_bag` sums them without materialising the
+  (Lq, L*P*4, D) samples.
 - `deform_attn_fast.ms_deform_attn_fast`: the same gathers with an analytic backward, for eager CPU
   float32/float64 (training and inference).
 - `ms_deform_attn`: what MSDeformAttn calls. It takes `ms_deform_attn_fast` in eager CPU float32/float64,
-  `ms_deform_attn_gather` for other dtypes and devices, and the reference while tracing or exporting, because GridSample is one native ONNX op per level while embedding_bag has no
-  ONNX counterpart.
+  `ms_deform_attn_gather` for other dtypes and devices, and the reference while tracing or exporting,
+  because GridSample is one native ONNX op per level while embedding_bag has no ONNX counterpart.
 
 Spatial shapes are python ints (SymInts or traced sizes when exporting), never a tensor, and are only used
 in arithmetic, so a dynamic-shape export computes every level size in-graph.

@@ -51,7 +51,7 @@ class TrainConfig:
     poly_power: float = 0.9
     milestones: tuple[int, ...] = ()
     warmup_iters: int = 0
-    warmup_factor: float = 1.0  # lr multiplier at step 0, rising linearly to 1 over warmup_iters (official 1.0)
+    warmup_factor: float = 1.0  # lr factor at step 0, rising linearly to 1 over warmup_iters (official 1.0)
     amp: bool = True  # used where the device supports it (CUDA fp16); CPU trains in fp32
     checkpoint_every: int = 500
     log_every: int = 10
@@ -69,8 +69,8 @@ class TrainConfig:
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
     device: str = "cpu"
-    # "frozen": the official FrozenBatchNorm backbone (fine-tuning pretrained weights); "bn": BatchNorm with
-    # batch statistics while training (a backbone from scratch), saved as FrozenBatchNorm (training/batchnorm.py)
+    # "frozen": the official FrozenBatchNorm backbone (fine-tuning pretrained weights); "bn": BatchNorm
+    # with batch statistics while training from scratch, saved as FrozenBatchNorm (training/batchnorm.py)
     backbone_norm: str = "frozen"
 
     @classmethod
