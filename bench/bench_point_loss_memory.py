@@ -54,8 +54,11 @@ def full_resolution_loss(pred_masks, targets, indices, num_masks):
     logits, labels = [], []
     for b, (target, (pred_idx, tgt_idx)) in enumerate(zip(targets, indices, strict=True)):
         size = target["masks"].shape[-2:]
-        logits.append(F.interpolate(pred_masks[b, pred_idx][:, None], size=size, mode="bilinear",
-                                    align_corners=False)[:, 0].flatten(1))
+        logits.append(
+            F.interpolate(pred_masks[b, pred_idx][:, None], size=size, mode="bilinear", align_corners=False)[
+                :, 0
+            ].flatten(1)
+        )
         labels.append(target["masks"][tgt_idx].flatten(1))
     logits, labels = torch.cat(logits), torch.cat(labels)
     return sigmoid_ce_loss(logits, labels, num_masks) + dice_loss(logits, labels, num_masks)
@@ -80,8 +83,9 @@ def measure(variant: str, args) -> dict:
 
     def step():
         if variant == "point":
-            losses = criterion.loss_masks(outputs["pred_masks"], targets, indices, num_masks, layer=0,
-                                          generator=None)
+            losses = criterion.loss_masks(
+                outputs["pred_masks"], targets, indices, num_masks, layer=0, generator=None
+            )
             loss = losses["loss_mask"] + losses["loss_dice"]
         else:
             loss = full_resolution_loss(outputs["pred_masks"], targets, indices, num_masks)
@@ -119,12 +123,16 @@ def main() -> None:
         command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
         completed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         results[variant] = json.loads(completed.stdout.strip().splitlines()[-1])
-    print(f"B={args.batch} Q={args.queries} targets/image={args.targets} targets {args.size}^2, "
-          f"predictions {args.size // 4}^2, {args.points} points; mask loss forward + backward")
+    print(
+        f"B={args.batch} Q={args.queries} targets/image={args.targets} targets {args.size}^2, "
+        f"predictions {args.size // 4}^2, {args.points} points; mask loss forward + backward"
+    )
     for variant, label in (("point", "point-sampled"), ("full", "full-resolution")):
         r = results[variant]
-        print(f"  {label:16s} peak {r['peak_bytes'] / 2**20:8.1f} MiB   {r['seconds'] * 1000:7.1f} ms   "
-              f"loss {r['loss']:.4f}")
+        print(
+            f"  {label:16s} peak {r['peak_bytes'] / 2**20:8.1f} MiB   {r['seconds'] * 1000:7.1f} ms   "
+            f"loss {r['loss']:.4f}"
+        )
     ratio = results["full"]["peak_bytes"] / max(results["point"]["peak_bytes"], 1)
     print(f"  full / point peak memory: {ratio:.1f}x")
 

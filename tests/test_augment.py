@@ -45,8 +45,9 @@ def _assert_aligned(image, masks, labels):
 @pytest.mark.parametrize("seed", range(6))
 def test_lsj_keeps_masks_aligned_and_fixed_size(seed):
     image, masks, labels = _scene()
-    out_image, out_masks, out_labels = LargeScaleJitter(size=64)(image, masks, labels,
-                                                                 rng=np.random.default_rng(seed))
+    out_image, out_masks, out_labels = LargeScaleJitter(size=64)(
+        image, masks, labels, rng=np.random.default_rng(seed)
+    )
     assert out_image.shape == (64, 64, 3) and out_image.dtype == np.uint8
     assert out_masks.shape == (out_labels.shape[0], 64, 64) and out_masks.dtype == bool
     assert out_masks.reshape(len(out_masks), -1).any(1).all()  # vanished instances removed
@@ -56,7 +57,8 @@ def test_lsj_keeps_masks_aligned_and_fixed_size(seed):
 def test_lsj_small_scale_pads_with_128_and_masks_zero():
     image, masks, labels = _scene()
     out_image, out_masks, _ = LargeScaleJitter(size=64, min_scale=0.3, max_scale=0.3, flip=False)(
-        image, masks, labels, rng=np.random.default_rng(0))
+        image, masks, labels, rng=np.random.default_rng(0)
+    )
     # fits 60x90 into 19.2 x 19.2 -> 13x19, then padded bottom/right
     assert out_masks[:, :13, :19].any(0).all()
     assert not out_masks[:, 13:].any() and not out_masks[:, :, 19:].any()
@@ -144,12 +146,20 @@ def test_compose_uses_one_generator():
 
 def test_collate_normalises_and_pads_with_zeros():
     items = [
-        {"image": torch.full((3, 20, 33), 200, dtype=torch.uint8),
-         "masks": torch.ones((2, 20, 33), dtype=torch.bool),
-         "labels": torch.tensor([1, 4]), "image_id": 1, "file_name": "a.png"},
-        {"image": torch.zeros((3, 40, 10), dtype=torch.uint8),
-         "masks": torch.zeros((0, 40, 10), dtype=torch.bool),
-         "labels": torch.zeros((0,), dtype=torch.int64), "image_id": 2, "file_name": "b.png"},
+        {
+            "image": torch.full((3, 20, 33), 200, dtype=torch.uint8),
+            "masks": torch.ones((2, 20, 33), dtype=torch.bool),
+            "labels": torch.tensor([1, 4]),
+            "image_id": 1,
+            "file_name": "a.png",
+        },
+        {
+            "image": torch.zeros((3, 40, 10), dtype=torch.uint8),
+            "masks": torch.zeros((0, 40, 10), dtype=torch.bool),
+            "labels": torch.zeros((0,), dtype=torch.int64),
+            "image_id": 2,
+            "file_name": "b.png",
+        },
     ]
     batch = collate(items, size_divisibility=32)
     assert batch["images"].shape == (2, 3, 64, 64) and batch["images"].dtype == torch.float32

@@ -48,8 +48,11 @@ def make_batch(seed=0, batch=2, queries=6, size=8, target_size=8, counts=(3, 2),
 
 def test_point_losses_equal_full_resolution_when_points_are_the_pixels(monkeypatch):
     size = 8
-    monkeypatch.setattr(criterion_module, "uncertain_point_coords",
-                        lambda masks, *args: pixel_centres(size).expand(len(masks), -1, -1))
+    monkeypatch.setattr(
+        criterion_module,
+        "uncertain_point_coords",
+        lambda masks, *args: pixel_centres(size).expand(len(masks), -1, -1),
+    )
     indices = [([4, 0, 2], [1, 2, 0]), ([5, 1], [0, 1])]
     criterion = SetCriterion(NUM_CLASSES, FixedMatcher(indices), num_points=size * size)
     outputs, targets = make_batch(size=size, target_size=size)
@@ -137,10 +140,14 @@ def test_two_workers_give_the_gradient_of_the_doubled_batch(monkeypatch):
     whole = {key: outputs[key].grad.clone() for key in ("pred_logits", "pred_masks")}
 
     halves = [slice(0, 2), slice(2, 4)]
-    half_outputs = [{"pred_logits": outputs["pred_logits"].detach()[h].clone().requires_grad_(),
-                     "pred_masks": outputs["pred_masks"].detach()[h].clone().requires_grad_(),
-                     "aux_outputs": [{k: v.detach()[h] for k, v in outputs["aux_outputs"][0].items()}]}
-                    for h in halves]
+    half_outputs = [
+        {
+            "pred_logits": outputs["pred_logits"].detach()[h].clone().requires_grad_(),
+            "pred_masks": outputs["pred_masks"].detach()[h].clone().requires_grad_(),
+            "aux_outputs": [{k: v.detach()[h] for k, v in outputs["aux_outputs"][0].items()}],
+        }
+        for h in halves
+    ]
     # Simulated all_reduce: each worker gets the mean of both workers' local normalisers.
     local = [criterion.normalizers(o, targets[h]) for o, h in zip(half_outputs, halves, strict=True)]
     mean = torch.tensor([(local[0][0] + local[1][0]) / 2, float(local[0][1] + local[1][1]) / 2])
@@ -157,8 +164,11 @@ def test_deep_supervision_keys_and_weighted_total():
     criterion = SetCriterion(NUM_CLASSES, HungarianMatcher(num_points=16), num_points=16)
     outputs, targets = make_batch(aux=9)
     losses = criterion(outputs, targets)
-    expected_keys = {f"loss_{name}{suffix}" for name in ("ce", "mask", "dice")
-                     for suffix in [""] + [f"_{i}" for i in range(9)]}
+    expected_keys = {
+        f"loss_{name}{suffix}"
+        for name in ("ce", "mask", "dice")
+        for suffix in [""] + [f"_{i}" for i in range(9)]
+    }
     assert set(losses) == expected_keys
     weights = {"ce": 2.0, "mask": 5.0, "dice": 5.0}
     manual = sum(weights[key.split("_")[1]] * value for key, value in losses.items())

@@ -38,12 +38,19 @@ def coco_instances(tmp_path):
     square = np.zeros((20, 30), dtype=bool)
     square[5:15, 20:28] = True
     data = {
-        "images": [{"id": 7, "file_name": "a.png", "height": 20, "width": 30},
-                   {"id": 8, "file_name": "b.png", "height": 10, "width": 12}],
+        "images": [
+            {"id": 7, "file_name": "a.png", "height": 20, "width": 30},
+            {"id": 8, "file_name": "b.png", "height": 10, "width": 12},
+        ],
         "categories": [{"id": 3, "name": "car"}, {"id": 9, "name": "boat"}],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 9, "iscrowd": 0,
-             "segmentation": [[2.0, 2.0, 12.0, 2.0, 12.0, 10.0, 2.0, 10.0]]},
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 9,
+                "iscrowd": 0,
+                "segmentation": [[2.0, 2.0, 12.0, 2.0, 12.0, 10.0, 2.0, 10.0]],
+            },
             {"id": 2, "image_id": 7, "category_id": 3, "iscrowd": 0, "segmentation": rle.encode(square)[0]},
             {"id": 3, "image_id": 7, "category_id": 3, "iscrowd": 1, "segmentation": rle.encode(square)[0]},
         ],
@@ -120,10 +127,20 @@ def test_panoptic_crowd_and_unannotated_image(tmp_path):
     ids[4:, :4] = 6
     _save(tmp_path / "panoptic/a.png", id2rgb(ids))
     images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png", "height": 8, "width": 8}]
-    data = {"images": images,
-            "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": [
-                {"id": 5, "category_id": 40, "iscrowd": 0}, {"id": 6, "category_id": 40, "iscrowd": 1}]}],
-            "categories": [{"id": 40, "name": "x", "isthing": 1}]}
+    data = {
+        "images": images,
+        "annotations": [
+            {
+                "image_id": 1,
+                "file_name": "a.png",
+                "segments_info": [
+                    {"id": 5, "category_id": 40, "iscrowd": 0},
+                    {"id": 6, "category_id": 40, "iscrowd": 1},
+                ],
+            }
+        ],
+        "categories": [{"id": 40, "name": "x", "isthing": 1}],
+    }
     (tmp_path / "panoptic.json").write_text(json.dumps(data))
     dataset = open_dataset(tmp_path)
     item = dataset[0]

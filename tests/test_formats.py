@@ -73,8 +73,9 @@ def _panoptic_result() -> PanopticResult:
 
 def test_panoptic_round_trip_and_annotation(tmp_path):
     result = _panoptic_result()
-    ann = write_panoptic(tmp_path / "x.png", tmp_path / "x.json", result, image_id=42, file_name="x.png",
-                         category_ids=[184, 1])
+    ann = write_panoptic(
+        tmp_path / "x.png", tmp_path / "x.json", result, image_id=42, file_name="x.png", category_ids=[184, 1]
+    )
     np.testing.assert_array_equal(read_panoptic_png(tmp_path / "x.png"), result.id_map)
     assert ann["image_id"] == 42 and ann["file_name"] == "x.png"
     assert ann["segments_info"] == [
@@ -100,24 +101,30 @@ def test_instances_to_coco_rle_decodes_with_pycocotools(tmp_path):
     masks = rng.random((3, 11, 7)) < 0.3
     masks[2] = False  # an empty mask still gives a valid result with a zero box
     scores = np.array([0.9, 0.5, 0.1], np.float32)
-    result = InstanceResult(masks=masks, classes=np.array([0, 2, 1]), scores=scores,
-                            boxes=np.zeros((3, 4), np.float32))
+    result = InstanceResult(
+        masks=masks, classes=np.array([0, 2, 1]), scores=scores, boxes=np.zeros((3, 4), np.float32)
+    )
     results = instances_to_coco(result, image_id=7, category_ids=[1, 5, 9])
     write_json(tmp_path / "r.json", results)
     loaded = json.loads((tmp_path / "r.json").read_text())
     assert [r["category_id"] for r in loaded] == [1, 9, 5]
     assert [r["image_id"] for r in loaded] == [7, 7, 7]
     np.testing.assert_allclose([r["score"] for r in loaded], [0.9, 0.5, 0.1], rtol=1e-6)
-    rles = [{"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}
-            for r in loaded]
+    rles = [
+        {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()} for r in loaded
+    ]
     np.testing.assert_array_equal(coco_mask.decode(rles).transpose(2, 0, 1), masks)
     np.testing.assert_array_equal([r["bbox"] for r in loaded], coco_mask.toBbox(rles))
     assert loaded[2]["bbox"] == [0, 0, 0, 0]
 
 
 def test_instances_to_coco_empty():
-    empty = InstanceResult(masks=np.zeros((0, 4, 5), bool), classes=np.zeros(0, np.int64),
-                           scores=np.zeros(0, np.float32), boxes=np.zeros((0, 4), np.float32))
+    empty = InstanceResult(
+        masks=np.zeros((0, 4, 5), bool),
+        classes=np.zeros(0, np.int64),
+        scores=np.zeros(0, np.float32),
+        boxes=np.zeros((0, 4), np.float32),
+    )
     assert instances_to_coco(empty, image_id=1, category_ids=[3]) == []
 
 

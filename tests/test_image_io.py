@@ -44,14 +44,17 @@ def test_exif_orientation_is_applied(tmp_path):
     assert image[35, 10, 2] > 200 and image[35, 10, 0] < 60
 
 
-@pytest.mark.parametrize("mode, color, expected", [
-    ("L", 77, [77, 77, 77]),
-    ("LA", (90, 0), [90, 90, 90]),
-    ("RGBA", (10, 20, 30, 0), [10, 20, 30]),  # alpha dropped, not composited (PIL convert("RGB"))
-    ("1", 1, [255, 255, 255]),
-    ("CMYK", (0, 0, 0, 0), [255, 255, 255]),
-    ("CMYK", (0, 0, 0, 255), [0, 0, 0]),
-])
+@pytest.mark.parametrize(
+    "mode, color, expected",
+    [
+        ("L", 77, [77, 77, 77]),
+        ("LA", (90, 0), [90, 90, 90]),
+        ("RGBA", (10, 20, 30, 0), [10, 20, 30]),  # alpha dropped, not composited (PIL convert("RGB"))
+        ("1", 1, [255, 255, 255]),
+        ("CMYK", (0, 0, 0, 0), [255, 255, 255]),
+        ("CMYK", (0, 0, 0, 255), [0, 0, 0]),
+    ],
+)
 def test_colour_modes(mode, color, expected):
     image = load_image(Image.new(mode, (5, 3), color))
     assert image.shape == (3, 5, 3) and image.dtype == np.uint8
@@ -100,13 +103,16 @@ def test_arrays():
     assert load_image(np.full((2, 2), 65535, np.uint16)).max() == 255
 
 
-@pytest.mark.parametrize("array", [
-    np.zeros((4, 4, 3), np.float32),
-    np.zeros((4, 4, 2), np.uint8),
-    np.zeros((4, 4, 3, 1), np.uint8),
-    np.zeros((4,), np.uint8),
-    np.zeros((0, 4, 3), np.uint8),
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((4, 4, 3), np.float32),
+        np.zeros((4, 4, 2), np.uint8),
+        np.zeros((4, 4, 3, 1), np.uint8),
+        np.zeros((4,), np.uint8),
+        np.zeros((0, 4, 3), np.uint8),
+    ],
+)
 def test_bad_arrays(array):
     with pytest.raises(ImageReadError):
         load_image(array)
@@ -158,7 +164,9 @@ def test_list_images(tmp_path):
     assert list_images([str(folder / "**" / "*.png")]) == [folder / "b.png", folder / "sub" / "c.png"]
     # Explicit files are kept whatever their extension; duplicates collapse, order is kept.
     assert list_images([str(folder / "notes.txt"), str(folder), str(folder / "b.png")]) == [
-        folder / "notes.txt", folder / "a.JPG", folder / "b.png",
+        folder / "notes.txt",
+        folder / "a.JPG",
+        folder / "b.png",
     ]
 
 

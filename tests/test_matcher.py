@@ -142,8 +142,10 @@ def test_mask_cost_prefers_the_overlapping_mask():
 def test_empty_targets_give_empty_indices():
     matcher = HungarianMatcher(num_points=16)
     outputs = {"pred_logits": torch.randn(2, 3, 4), "pred_masks": torch.randn(2, 3, 8, 8)}
-    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 8, 8)},
-               {"labels": torch.tensor([1]), "masks": torch.ones(1, 8, 8)}]
+    targets = [
+        {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 8, 8)},
+        {"labels": torch.tensor([1]), "masks": torch.ones(1, 8, 8)},
+    ]
     (empty_pred, empty_tgt), (pred_idx, tgt_idx) = matcher(outputs, targets)
     assert empty_pred.shape == empty_tgt.shape == (0,)
     assert empty_pred.dtype == empty_tgt.dtype == torch.int64
@@ -169,8 +171,10 @@ def test_point_seed_makes_points_independent_of_the_batch(monkeypatch):
 
     def run(batch, layer=0):
         drawn.clear()
-        outputs = {"pred_logits": torch.stack([b[0] for b in batch]),
-                   "pred_masks": torch.stack([b[1] for b in batch])}
+        outputs = {
+            "pred_logits": torch.stack([b[0] for b in batch]),
+            "pred_masks": torch.stack([b[1] for b in batch]),
+        }
         indices = matcher(outputs, [b[2] for b in batch], layer=layer)
         return indices, list(drawn)
 

@@ -46,16 +46,24 @@ def make_model(dec_layers: int = 9) -> Mask2Former:
     torch.manual_seed(0)
     backbone = StandInBackbone()
     predictor = MultiScaleMaskedTransformerDecoder(
-        in_channels=CONV_DIM, num_classes=NUM_CLASSES, hidden_dim=16, num_queries=NUM_QUERIES, nheads=2,
-        dim_feedforward=32, dec_layers=dec_layers, mask_dim=MASK_DIM,
+        in_channels=CONV_DIM,
+        num_classes=NUM_CLASSES,
+        hidden_dim=16,
+        num_queries=NUM_QUERIES,
+        nheads=2,
+        dim_feedforward=32,
+        dec_layers=dec_layers,
+        mask_dim=MASK_DIM,
     )
     return Mask2Former(backbone, StandInPixelDecoder(backbone.out_channels), predictor)
 
 
 def test_state_dict_uses_official_prefixes():
     model = make_model()
-    prefixes = {key.split(".")[0] if key.startswith("backbone.") else ".".join(key.split(".")[:2])
-                for key in model.state_dict()}
+    prefixes = {
+        key.split(".")[0] if key.startswith("backbone.") else ".".join(key.split(".")[:2])
+        for key in model.state_dict()
+    }
     assert prefixes == {"backbone", "sem_seg_head.pixel_decoder", "sem_seg_head.predictor"}
     assert "sem_seg_head.predictor.query_feat.weight" in model.state_dict()
     assert "sem_seg_head.pixel_decoder.mask_features.weight" in model.state_dict()

@@ -43,7 +43,7 @@ def test_stuff_of_one_class_merges_into_one_id_and_things_get_one_each():
     # classes: 0 = sky (stuff), 1 = person (thing); four queries in four column bands of a 4 x 8 image
     masks = torch.full((4, 4, 8), -BIG)
     for q in range(4):
-        masks[q, :, 2 * q:2 * q + 2] = BIG
+        masks[q, :, 2 * q : 2 * q + 2] = BIG
     result = panoptic_inference(confident(4, [0, 1, 0, 1], 2), masks, thing_classes=[False, True])
     ids = [s.id for s in result.segments]
     assert ids == [1, 2, 3]  # sky (first query), person, person; the second sky query reuses id 1
@@ -107,8 +107,11 @@ def slow_panoptic(class_logits, mask_logits, thing_classes, threshold, overlap):
     """The official algorithm written pixel by pixel with Python loops."""
     probs = class_logits.softmax(-1)
     num_classes = class_logits.shape[1] - 1
-    kept = [q for q in range(probs.shape[0])
-            if int(probs[q].argmax()) != num_classes and float(probs[q].max()) > threshold]
+    kept = [
+        q
+        for q in range(probs.shape[0])
+        if int(probs[q].argmax()) != num_classes and float(probs[q].max()) > threshold
+    ]
     sig = mask_logits.sigmoid()
     h, w = sig.shape[1:]
     id_map = np.zeros((h, w), dtype=np.int32)
@@ -248,8 +251,9 @@ def test_semantic_postprocess_follows_the_official_order(before):
     g = torch.Generator().manual_seed(4)
     class_logits, mask_logits = torch.randn(6, 5, generator=g), torch.randn(6, 4, 6, generator=g) * 3
     sizes = ((16, 24), (14, 21), (30, 44))
-    result = semantic_postprocess(class_logits, mask_logits, *sizes, postprocess_before_inference=before,
-                                  chunk_size=4)
+    result = semantic_postprocess(
+        class_logits, mask_logits, *sizes, postprocess_before_inference=before, chunk_size=4
+    )
     if before:  # every query resized to the original size, then inference
         expected = semantic_inference(class_logits, direct_chain(mask_logits, *sizes))
     else:  # inference on masks upsampled to the padded input, then the score map cropped and resized
@@ -269,8 +273,15 @@ def test_postprocess_resizes_only_needed_queries_with_the_same_results():
     things = [True, False, True, False]
     full = resize_mask_logits(masks[1], *sizes.values())
 
-    pan = postprocess(outputs, 1, "panoptic", thing_classes=things, object_mask_threshold=0.5,
-                      overlap_threshold=0.3, **sizes)
+    pan = postprocess(
+        outputs,
+        1,
+        "panoptic",
+        thing_classes=things,
+        object_mask_threshold=0.5,
+        overlap_threshold=0.3,
+        **sizes,
+    )
     ref = panoptic_inference(logits[1], full, things, object_mask_threshold=0.5, overlap_threshold=0.3)
     assert isinstance(pan, PanopticResult) and pan.segments == ref.segments and pan.segments
     np.testing.assert_array_equal(pan.id_map, ref.id_map)

@@ -47,14 +47,17 @@ def _reference_bilinear(rgb: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return top * (1 - wy) + bottom * wy
 
 
-@pytest.mark.parametrize("size, expected", [
-    ((300, 451), (800, 1203)),    # chelsea: 451 * 800 / 300 = 1202.67
-    ((480, 640), (800, 1067)),    # 1066.67 rounds half up
-    ((100, 1000), (133, 1333)),   # long side capped: 800 * 1333 / 8000 = 133.3
-    ((1000, 100), (1333, 133)),
-    ((800, 800), (800, 800)),
-    ((1, 4000), (1, 1333)),       # detectron2 would round the short side to 0
-])
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((300, 451), (800, 1203)),  # chelsea: 451 * 800 / 300 = 1202.67
+        ((480, 640), (800, 1067)),  # 1066.67 rounds half up
+        ((100, 1000), (133, 1333)),  # long side capped: 800 * 1333 / 8000 = 133.3
+        ((1000, 100), (1333, 133)),
+        ((800, 800), (800, 800)),
+        ((1, 4000), (1, 1333)),  # detectron2 would round the short side to 0
+    ],
+)
 def test_shortest_edge_size(size, expected):
     assert shortest_edge_size(*size, short_edge=800, max_size=1333) == expected
 
@@ -72,7 +75,7 @@ def test_official_golden_chelsea():
     assert (got[:, :, 1203:] == 0).all()
     for y, x in [(0, 0), (400, 600), (799, 1202)]:
         np.testing.assert_allclose(got[:, y, x], expected[:, y, x], atol=1e-5)
-    assert abs(got[:, :, :1203].sum() - expected.sum()) < 1e-2 * expected.size ** 0.5
+    assert abs(got[:, :, :1203].sum() - expected.sum()) < 1e-2 * expected.size**0.5
 
 
 def test_deploy_golden_chelsea_fp32_and_fp16():
@@ -137,13 +140,19 @@ def test_official_any_size(height, width, color, half):
     # A constant image stays constant through bilinear resizing: every valid pixel is the normalised colour.
     expected = (np.array(color) - MEAN) / STD
     tolerance = 5e-3 if half else 1e-5
-    np.testing.assert_allclose(values[:, :new_h, :new_w], np.broadcast_to(expected[:, None, None],
-                               (3, new_h, new_w)), atol=tolerance)
+    np.testing.assert_allclose(
+        values[:, :new_h, :new_w], np.broadcast_to(expected[:, None, None], (3, new_h, new_w)), atol=tolerance
+    )
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None)
-@given(height=_sides, width=_sides, out_h=st.integers(1, 48), out_w=st.integers(1, 48),
-       seed=st.integers(0, 2**16))
+@given(
+    height=_sides,
+    width=_sides,
+    out_h=st.integers(1, 48),
+    out_w=st.integers(1, 48),
+    seed=st.integers(0, 2**16),
+)
 @example(height=1, width=4000, out_h=32, out_w=32, seed=0)
 @example(height=4000, width=1, out_h=1, out_w=48, seed=1)
 @example(height=1, width=1, out_h=1, out_w=1, seed=2)

@@ -19,7 +19,7 @@ def _random_masks(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarra
         masks = np.zeros((n, h, w), dtype=bool)
         for m in masks:
             y0, x0 = rng.integers(0, h), rng.integers(0, w)
-            m[y0:y0 + rng.integers(1, h + 1), x0:x0 + rng.integers(1, w + 1)] = True
+            m[y0 : y0 + rng.integers(1, h + 1), x0 : x0 + rng.integers(1, w + 1)] = True
         return masks
     return np.cumsum(rng.random((n, h, w)) < 0.05, axis=1) % 2 == 1  # vertical stripes of varied length
 

@@ -16,8 +16,9 @@ from mask2former.modeling.transformer_decoder import (
     masked_attention_bias,
 )
 
-TINY = dict(in_channels=24, num_classes=7, hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64,
-            mask_dim=16)
+TINY = dict(
+    in_channels=24, num_classes=7, hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64, mask_dim=16
+)
 LEVEL_SIZES = [(2, 3), (4, 6), (8, 12)]  # 1/32, 1/16, 1/8 of a 64x96 image
 MASK_SIZE = (16, 24)  # 1/4
 
@@ -32,8 +33,13 @@ def make_inputs(batch: int = 2, in_channels: int = 24, mask_dim: int = 16, seed:
 def expected_official_keys(num_layers: int, with_input_proj: bool) -> set[str]:
     """Written by hand from the official module tree (sem_seg_head.predictor.*)."""
     keys = {
-        "query_feat.weight", "query_embed.weight", "level_embed.weight",
-        "decoder_norm.weight", "decoder_norm.bias", "class_embed.weight", "class_embed.bias",
+        "query_feat.weight",
+        "query_embed.weight",
+        "level_embed.weight",
+        "decoder_norm.weight",
+        "decoder_norm.bias",
+        "class_embed.weight",
+        "class_embed.bias",
     }
     for j in range(3):
         keys |= {f"mask_embed.layers.{j}.weight", f"mask_embed.layers.{j}.bias"}
@@ -41,12 +47,17 @@ def expected_official_keys(num_layers: int, with_input_proj: bool) -> set[str]:
         for j in range(3):
             keys |= {f"input_proj.{j}.weight", f"input_proj.{j}.bias"}
     for i in range(num_layers):
-        for prefix, attn in (("transformer_self_attention_layers", "self_attn"),
-                             ("transformer_cross_attention_layers", "multihead_attn")):
+        for prefix, attn in (
+            ("transformer_self_attention_layers", "self_attn"),
+            ("transformer_cross_attention_layers", "multihead_attn"),
+        ):
             keys |= {
-                f"{prefix}.{i}.{attn}.in_proj_weight", f"{prefix}.{i}.{attn}.in_proj_bias",
-                f"{prefix}.{i}.{attn}.out_proj.weight", f"{prefix}.{i}.{attn}.out_proj.bias",
-                f"{prefix}.{i}.norm.weight", f"{prefix}.{i}.norm.bias",
+                f"{prefix}.{i}.{attn}.in_proj_weight",
+                f"{prefix}.{i}.{attn}.in_proj_bias",
+                f"{prefix}.{i}.{attn}.out_proj.weight",
+                f"{prefix}.{i}.{attn}.out_proj.bias",
+                f"{prefix}.{i}.norm.weight",
+                f"{prefix}.{i}.norm.bias",
             }
         for name in ("linear1", "linear2", "norm"):
             keys |= {f"transformer_ffn_layers.{i}.{name}.weight", f"transformer_ffn_layers.{i}.{name}.bias"}
@@ -149,8 +160,13 @@ def reference_decoder(decoder, features, mask_features):
         attn_mask = blocked.repeat_interleave(heads, dim=0)  # (B*heads, Q, hw), batch-major like MHA
 
         cross = decoder.transformer_cross_attention_layers[i]
-        update = cross.multihead_attn(tgt + query_pos, memories[level] + positions[level], memories[level],
-                                      attn_mask=attn_mask, need_weights=False)[0]
+        update = cross.multihead_attn(
+            tgt + query_pos,
+            memories[level] + positions[level],
+            memories[level],
+            attn_mask=attn_mask,
+            need_weights=False,
+        )[0]
         tgt = cross.norm(tgt + update)
         self_layer = decoder.transformer_self_attention_layers[i]
         q = tgt + query_pos
@@ -270,15 +286,19 @@ def test_fast_path_exports_to_onnx_without_scatter_or_float64():
 
     decoder, features, mask_features = make_masking_case()
     buffer = io.BytesIO()
-    torch.onnx.export(_ExportWrapper(decoder), (*features, mask_features), buffer, opset_version=17,
-                      dynamo=False)
+    torch.onnx.export(
+        _ExportWrapper(decoder), (*features, mask_features), buffer, opset_version=17, dynamo=False
+    )
     graph = onnx.load_from_string(buffer.getvalue()).graph
     assert not {node.op_type for node in graph.node} & {"ScatterND", "ScatterElements", "NonZero"}
     constants = list(graph.initializer)
     constants += [attr.t for node in graph.node if node.op_type == "Constant" for attr in node.attribute]
     assert all(t.data_type != onnx.TensorProto.DOUBLE for t in constants)
-    assert all(torch.isfinite(torch.from_numpy(numpy_helper.to_array(t).copy()).float()).all()
-               for t in constants if t.data_type == onnx.TensorProto.FLOAT)
+    assert all(
+        torch.isfinite(torch.from_numpy(numpy_helper.to_array(t).copy()).float()).all()
+        for t in constants
+        if t.data_type == onnx.TensorProto.FLOAT
+    )
 
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]

@@ -63,7 +63,7 @@ def test_labels_are_drawn_at_the_interior_point():
     y, x = label_point(class_map == 0)
     assert abs(y - 49.5) <= 1 and abs(x - 64.5) <= 1  # the middle of the rectangle
     differ = _changed(with_labels, without)
-    assert differ[y - 3: y + 4, x - 10: x + 11].any()
+    assert differ[y - 3 : y + 4, x - 10 : x + 11].any()
     ys, xs = np.nonzero(differ)
     assert abs(ys.mean() - y) < 8 and abs(xs.mean() - x) < 12  # the label box is centred on the point
 
@@ -109,8 +109,11 @@ def test_instances_masks_boxes_and_labels():
     masks[1, 30:80, 70:120] = True
     masks[2, 0:5, 0:5] = True
     boxes = np.array([[20, 20, 60, 60], [70, 30, 120, 80], [0, 0, 5, 5]], np.float32)
-    out = np.asarray(draw_instances(image, masks, [0, 0, 2], [0.9, 0.7, 0.1], boxes, META,
-                                    show_labels=False, score_threshold=0.5))
+    out = np.asarray(
+        draw_instances(
+            image, masks, [0, 0, 2], [0.9, 0.7, 0.1], boxes, META, show_labels=False, score_threshold=0.5
+        )
+    )
     changed = _changed(out, image)
     assert changed[masks[0]].mean() > 0.95 and changed[masks[1]].mean() > 0.95
     assert not changed[masks[2]].any()  # below the score threshold
@@ -124,8 +127,9 @@ def test_instances_masks_boxes_and_labels():
     second = 2 * out[50, 95].astype(float) - image[50, 95]
     assert np.abs(first - second).max() > 20
     np.testing.assert_allclose(second, META.colors[0], atol=2)  # the largest instance keeps the class colour
-    labelled = np.asarray(draw_instances(image, masks, [0, 0, 2], [0.9, 0.7, 0.1], boxes, META,
-                                         score_threshold=0.5))
+    labelled = np.asarray(
+        draw_instances(image, masks, [0, 0, 2], [0.9, 0.7, 0.1], boxes, META, score_threshold=0.5)
+    )
     assert _changed(labelled, out).any()
 
 
@@ -133,7 +137,7 @@ def test_instance_colours_of_one_class_differ():
     image = np.zeros((H, W, 3), np.uint8)
     masks = np.zeros((4, H, W), bool)
     for index in range(4):
-        masks[index, :, index * 30: index * 30 + 20] = True
+        masks[index, :, index * 30 : index * 30 + 20] = True
     out = np.asarray(draw_instances(image, masks, [0, 0, 0, 0], [0.9] * 4, None, META, show_labels=False))
     colours = {tuple(out[50, index * 30 + 10]) for index in range(4)}
     assert len(colours) == 4

@@ -1,9 +1,9 @@
 """Mask2Former in pure PyTorch: build, load, predict.
 
-    import mask2former
-    predictor = mask2former.load()            # the bundled model (or any checkpoint path)
-    result = predictor.predict("photo.jpg", task="panoptic")
-    model = mask2former.build("coco-panoptic-r50")   # a randomly initialised preset
+import mask2former
+predictor = mask2former.load()            # the bundled model (or any checkpoint path)
+result = predictor.predict("photo.jpg", task="panoptic")
+model = mask2former.build("coco-panoptic-r50")   # a randomly initialised preset
 """
 
 __version__ = "0.1.0"

@@ -91,8 +91,9 @@ def _category_lookup(category_ids: Sequence[int] | None, classes: np.ndarray, ar
     return lookup[classes]
 
 
-def write_semantic_png(path: PathLike, class_map: np.ndarray,
-                       category_ids: Sequence[int] | None = None) -> Path:
+def write_semantic_png(
+    path: PathLike, class_map: np.ndarray, category_ids: Sequence[int] | None = None
+) -> Path:
     """class_map (H, W) int -> single-channel PNG of class indices (or category_ids[class] when given).
 
     uint8 while every value is <= 255, else uint16. With contiguous classes 0..254 the value 255 stays free
@@ -142,8 +143,9 @@ def read_panoptic_png(path: PathLike) -> np.ndarray:
         return rgb2id(np.asarray(image.convert("RGB")))
 
 
-def _segments_info(id_map: np.ndarray, result: PanopticResult,
-                   category_ids: Sequence[int] | None) -> list[dict]:
+def _segments_info(
+    id_map: np.ndarray, result: PanopticResult, category_ids: Sequence[int] | None
+) -> list[dict]:
     """COCO segments_info of the segments present in id_map (an absent one would break pq_compute)."""
     areas = np.bincount(id_map.ravel(), minlength=max((s.id for s in result.segments), default=0) + 1)
     boxes = ndimage.find_objects(id_map)  # boxes[i] = (row slice, col slice) of id i + 1, None if absent
@@ -153,18 +155,26 @@ def _segments_info(id_map: np.ndarray, result: PanopticResult,
         if segment.id < 1 or areas[segment.id] == 0:
             continue
         rows, cols = boxes[segment.id - 1]
-        info.append({
-            "id": int(segment.id),
-            "category_id": int(category),
-            "iscrowd": 0,
-            "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
-            "area": int(areas[segment.id]),
-        })
+        info.append(
+            {
+                "id": int(segment.id),
+                "category_id": int(category),
+                "iscrowd": 0,
+                "bbox": [cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start],
+                "area": int(areas[segment.id]),
+            }
+        )
     return info
 
 
-def write_panoptic(png_path: PathLike, json_path: PathLike | None, result: PanopticResult, image_id: Any,
-                   file_name: str | None = None, category_ids: Sequence[int] | None = None) -> dict:
+def write_panoptic(
+    png_path: PathLike,
+    json_path: PathLike | None,
+    result: PanopticResult,
+    image_id: Any,
+    file_name: str | None = None,
+    category_ids: Sequence[int] | None = None,
+) -> dict:
     """Write the COCO panoptic PNG of result (and its annotation as JSON when json_path is given).
 
     Returns the COCO panoptic annotation {"image_id", "file_name", "segments_info": [{"id", "category_id",
@@ -185,8 +195,9 @@ def write_panoptic(png_path: PathLike, json_path: PathLike | None, result: Panop
     return annotation
 
 
-def write_panoptic_json(path: PathLike, annotations: list[dict], categories: list[dict],
-                        images: list[dict] | None = None) -> Path:
+def write_panoptic_json(
+    path: PathLike, annotations: list[dict], categories: list[dict], images: list[dict] | None = None
+) -> Path:
     """COCO panoptic JSON of a folder of predictions: {"annotations", "categories"} (+ "images" if given)."""
     obj: dict[str, Any] = {"annotations": annotations, "categories": categories}
     if images is not None:
@@ -197,8 +208,9 @@ def write_panoptic_json(path: PathLike, annotations: list[dict], categories: lis
 # ---------------------------------------------------------------- instances
 
 
-def instances_to_coco(result: InstanceResult, image_id: Any, category_ids: Sequence[int] | None = None
-                      ) -> list[dict]:
+def instances_to_coco(
+    result: InstanceResult, image_id: Any, category_ids: Sequence[int] | None = None
+) -> list[dict]:
     """InstanceResult -> COCO results [{"image_id", "category_id", "segmentation" (RLE, str counts),
     "score", "bbox" (x, y, w, h)}], one per instance, ready for COCOeval (loadRes) or write_json."""
     rles = rle.encode(np.asarray(result.masks, dtype=bool))

@@ -68,16 +68,22 @@ def _bilinear(x: torch.Tensor, size: Size) -> torch.Tensor:
     return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
-def _to_padded_then_original(mask_logits: torch.Tensor, padded_size: Size, image_size: Size,
-                             original_size: Size) -> torch.Tensor:
+def _to_padded_then_original(
+    mask_logits: torch.Tensor, padded_size: Size, image_size: Size, original_size: Size
+) -> torch.Tensor:
     """One chunk of (n, h4, w4) -> (n, H, W): upsample to the padded input, crop the image, resize."""
     padded = _bilinear(mask_logits.float(), padded_size)
     return _bilinear(padded[:, : image_size[0], : image_size[1]], original_size)
 
 
 @torch.no_grad()
-def resize_mask_logits(mask_logits: torch.Tensor, padded_size: Size, image_size: Size, original_size: Size,
-                       chunk_size: int = CHUNK) -> torch.Tensor:
+def resize_mask_logits(
+    mask_logits: torch.Tensor,
+    padded_size: Size,
+    image_size: Size,
+    original_size: Size,
+    chunk_size: int = CHUNK,
+) -> torch.Tensor:
     """Mask logits of the network input -> logits on the original image (detectron2 sem_seg_postprocess).
 
     mask_logits (Q, h4, w4) -> (Q, H, W) float32: bilinear to `padded_size` (Hp, Wp), crop to the resized
@@ -89,8 +95,8 @@ def resize_mask_logits(mask_logits: torch.Tensor, padded_size: Size, image_size:
     q = mask_logits.shape[0]
     out = torch.empty((q, *original_size), dtype=torch.float32, device=mask_logits.device)
     for begin in range(0, q, chunk_size):
-        out[begin:begin + chunk_size] = _to_padded_then_original(
-            mask_logits[begin:begin + chunk_size], padded_size, image_size, original_size
+        out[begin : begin + chunk_size] = _to_padded_then_original(
+            mask_logits[begin : begin + chunk_size], padded_size, image_size, original_size
         )
     return out
 
@@ -108,9 +114,15 @@ def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) ->
 
 
 @torch.no_grad()
-def semantic_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded_size: Size,
-                         image_size: Size, original_size: Size, postprocess_before_inference: bool = False,
-                         chunk_size: int = CHUNK) -> SemanticResult:
+def semantic_postprocess(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    padded_size: Size,
+    image_size: Size,
+    original_size: Size,
+    postprocess_before_inference: bool = False,
+    chunk_size: int = CHUNK,
+) -> SemanticResult:
     """One image's outputs -> SemanticResult at the original size.
 
     class_logits (Q, K+1), mask_logits (Q, Hp/4, Wp/4). The official code first upsamples the mask
@@ -124,12 +136,12 @@ def semantic_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     probs = _class_probs(class_logits)
     scores = None
     for begin in range(0, mask_logits.shape[0], chunk_size):
-        chunk = mask_logits[begin:begin + chunk_size]
+        chunk = mask_logits[begin : begin + chunk_size]
         if postprocess_before_inference:
             chunk = _to_padded_then_original(chunk, padded_size, image_size, original_size)
         else:
             chunk = _bilinear(chunk.float(), padded_size)
-        part = torch.einsum("qc,qhw->chw", probs[begin:begin + chunk_size], chunk.sigmoid())
+        part = torch.einsum("qc,qhw->chw", probs[begin : begin + chunk_size], chunk.sigmoid())
         scores = part if scores is None else scores.add_(part)
     if scores is None:  # no queries at all: nothing scores anywhere
         size = original_size if postprocess_before_inference else padded_size
@@ -147,8 +159,13 @@ def _panoptic_keep(class_logits: torch.Tensor, object_mask_threshold: float) -> 
 
 
 @torch.no_grad()
-def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing_classes: Sequence[bool],
-                       object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8) -> PanopticResult:
+def panoptic_inference(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    thing_classes: Sequence[bool],
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+) -> PanopticResult:
     """class_logits (Q, K+1), mask_logits (Q, H, W) -> PanopticResult with an (H, W) id map.
 
     Official semantics: keep queries whose best class is not no-object with probability >
@@ -193,8 +210,13 @@ def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, th
             merged.area += segment_area[k]
             query_to_id[k] = merged.id
             continue
-        segment = PanopticSegment(id=len(segments) + 1, category_id=category, isthing=isthing,
-                                  score=float(scores[k]), area=segment_area[k])
+        segment = PanopticSegment(
+            id=len(segments) + 1,
+            category_id=category,
+            isthing=isthing,
+            score=float(scores[k]),
+            area=segment_area[k],
+        )
         segments.append(segment)
         if not isthing:
             stuff_ids[category] = segment
@@ -206,8 +228,9 @@ def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, th
     return PanopticResult(id_map=id_map.cpu().numpy().astype(np.int32, copy=False), segments=segments)
 
 
-def _select_instances(class_logits: torch.Tensor, top_k: int, thing_classes: Sequence[bool] | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _select_instances(
+    class_logits: torch.Tensor, top_k: int, thing_classes: Sequence[bool] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k (query, class) pairs by class probability over Q x K, then (officially after top-k) things only.
 
     Returns (scores (N,), classes (N,) int64, queries (N,) int64), in decreasing class probability.
@@ -241,9 +264,15 @@ def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return boxes * nonempty[:, None]
 
 
-def _instances(scores: torch.Tensor, classes: torch.Tensor, queries: torch.Tensor, size: Size,
-               masks_of: Callable[[torch.Tensor], torch.Tensor], score_threshold: float,
-               chunk_size: int) -> InstanceResult:
+def _instances(
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    queries: torch.Tensor,
+    size: Size,
+    masks_of: Callable[[torch.Tensor], torch.Tensor],
+    score_threshold: float,
+    chunk_size: int,
+) -> InstanceResult:
     """Binarise and score the selected queries' masks, fetching (n, H, W) logits with masks_of(query ids)."""
     unique, inverse = torch.unique(queries, return_inverse=True)
     u = unique.numel()
@@ -251,13 +280,13 @@ def _instances(scores: torch.Tensor, classes: torch.Tensor, queries: torch.Tenso
     mask_scores = torch.zeros(u)
     boxes = torch.zeros((u, 4))
     for begin in range(0, u, chunk_size):
-        logits = masks_of(unique[begin:begin + chunk_size]).float()
+        logits = masks_of(unique[begin : begin + chunk_size]).float()
         chunk = logits > 0  # mask = logit > 0, i.e. sigmoid > 0.5
         # Mean sigmoid inside the mask; 1e-6 keeps empty masks at score 0 as in the official code.
         inside = (logits.sigmoid() * chunk).flatten(1).sum(1) / (chunk.flatten(1).sum(1) + 1e-6)
-        mask_scores[begin:begin + chunk_size] = inside.cpu()
-        boxes[begin:begin + chunk_size] = _boxes_from_masks(chunk).cpu()
-        binary[begin:begin + chunk_size] = chunk.cpu().numpy()
+        mask_scores[begin : begin + chunk_size] = inside.cpu()
+        boxes[begin : begin + chunk_size] = _boxes_from_masks(chunk).cpu()
+        binary[begin : begin + chunk_size] = chunk.cpu().numpy()
     inverse = inverse.cpu()
     final = scores.cpu() * mask_scores[inverse]
     order = torch.argsort(final, descending=True, stable=True)
@@ -272,9 +301,14 @@ def _instances(scores: torch.Tensor, classes: torch.Tensor, queries: torch.Tenso
 
 
 @torch.no_grad()
-def instance_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor,
-                       thing_classes: Sequence[bool] | None = None, top_k: int = 100,
-                       score_threshold: float = 0.0, chunk_size: int = CHUNK) -> InstanceResult:
+def instance_inference(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    thing_classes: Sequence[bool] | None = None,
+    top_k: int = 100,
+    score_threshold: float = 0.0,
+    chunk_size: int = CHUNK,
+) -> InstanceResult:
     """class_logits (Q, K+1), mask_logits (Q, H, W) -> InstanceResult of at most top_k instances.
 
     Official semantics: the top_k (query, class) pairs by class probability over Q x K (a query may come
@@ -293,12 +327,21 @@ TASKS = ("semantic", "panoptic", "instance")
 
 
 @torch.no_grad()
-def postprocess(outputs: dict[str, torch.Tensor], batch_index: int = 0, task: str = "panoptic",
-                padded_size: Size | None = None, image_size: Size | None = None,
-                original_size: Size | None = None, thing_classes: Sequence[bool] | None = None,
-                object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8, top_k: int = 100,
-                score_threshold: float = 0.0, semantic_before_inference: bool = False,
-                chunk_size: int = CHUNK) -> SemanticResult | PanopticResult | InstanceResult:
+def postprocess(
+    outputs: dict[str, torch.Tensor],
+    batch_index: int = 0,
+    task: str = "panoptic",
+    padded_size: Size | None = None,
+    image_size: Size | None = None,
+    original_size: Size | None = None,
+    thing_classes: Sequence[bool] | None = None,
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+    top_k: int = 100,
+    score_threshold: float = 0.0,
+    semantic_before_inference: bool = False,
+    chunk_size: int = CHUNK,
+) -> SemanticResult | PanopticResult | InstanceResult:
     """One image of a batch of model outputs -> its result at the original size.
 
     outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, Hp/4, Wp/4). padded_size (Hp, Wp) defaults
@@ -320,14 +363,22 @@ def postprocess(outputs: dict[str, torch.Tensor], batch_index: int = 0, task: st
         return resize_mask_logits(mask_logits[queries], padded_size, image_size, original_size, chunk_size)
 
     if task == "semantic":
-        return semantic_postprocess(class_logits, mask_logits, padded_size, image_size, original_size,
-                                    semantic_before_inference, chunk_size)
+        return semantic_postprocess(
+            class_logits,
+            mask_logits,
+            padded_size,
+            image_size,
+            original_size,
+            semantic_before_inference,
+            chunk_size,
+        )
     if task == "panoptic":
         if thing_classes is None:
             raise ValueError("thing_classes: panoptic post-processing needs one thing/stuff flag per class")
         keep = torch.nonzero(_panoptic_keep(class_logits, object_mask_threshold)).flatten()
         # Keeping depends on class scores only, so inference on the kept subset is the same computation.
-        return panoptic_inference(class_logits[keep], resize(keep), thing_classes, object_mask_threshold,
-                                  overlap_threshold)
+        return panoptic_inference(
+            class_logits[keep], resize(keep), thing_classes, object_mask_threshold, overlap_threshold
+        )
     scores, classes, queries = _select_instances(class_logits, top_k, thing_classes)
     return _instances(scores, classes, queries, original_size, resize, score_threshold, chunk_size)

@@ -37,8 +37,9 @@ def _run_counts(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     boundaries = rows.astype(np.int64) * length + cols
     # Run edges of all masks on one axis: every mask start, every boundary, the end. A boundary at a
     # mask's first pixel duplicates that mask's start and yields the zero-length leading run.
-    edges = np.sort(np.concatenate([np.arange(n, dtype=np.int64) * length, boundaries, [n * length]]),
-                    kind="stable")
+    edges = np.sort(
+        np.concatenate([np.arange(n, dtype=np.int64) * length, boundaries, [n * length]]), kind="stable"
+    )
     return np.diff(edges), np.bincount(rows, minlength=n) + 1
 
 
@@ -106,10 +107,10 @@ def encode(masks: np.ndarray) -> list[RLE]:
     out = []
     step = max(1, _CHUNK_PIXELS // max(1, h * w))  # bounds the temporary (chunk, H*W) arrays
     for begin in range(0, n, step):
-        counts, per_mask = _run_counts(_fortran_flat(masks[begin:begin + step] != 0))
+        counts, per_mask = _run_counts(_fortran_flat(masks[begin : begin + step] != 0))
         ends = np.cumsum(per_mask)
         out.extend(
-            {"size": [int(h), int(w)], "counts": _counts_to_string(counts[end - m:end]).decode("ascii")}
+            {"size": [int(h), int(w)], "counts": _counts_to_string(counts[end - m : end]).decode("ascii")}
             for end, m in zip(ends, per_mask, strict=True)
         )
     return out

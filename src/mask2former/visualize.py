@@ -35,8 +35,13 @@ class _Segment:
 # Public drawing functions
 
 
-def draw_semantic(image: np.ndarray, class_map: np.ndarray, meta: DatasetMeta | None = None,
-                  alpha: float = 0.5, show_labels: bool = True) -> Image.Image:
+def draw_semantic(
+    image: np.ndarray,
+    class_map: np.ndarray,
+    meta: DatasetMeta | None = None,
+    alpha: float = 0.5,
+    show_labels: bool = True,
+) -> Image.Image:
     """image (H, W, 3) uint8, class_map (H, W) int of contiguous class indices -> overlay (W x H PIL image).
 
     Negative values and meta.ignore_label are left unpainted.
@@ -53,8 +58,14 @@ def draw_semantic(image: np.ndarray, class_map: np.ndarray, meta: DatasetMeta | 
     return _render(image, segments, alpha, show_labels)
 
 
-def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments: Sequence, meta: DatasetMeta | None = None,
-                  alpha: float = 0.5, show_labels: bool = True) -> Image.Image:
+def draw_panoptic(
+    image: np.ndarray,
+    id_map: np.ndarray,
+    segments: Sequence,
+    meta: DatasetMeta | None = None,
+    alpha: float = 0.5,
+    show_labels: bool = True,
+) -> Image.Image:
     """image (H, W, 3) uint8, id_map (H, W) int32 with 0 = void -> overlay.
 
     `segments` items have `id`, `category_id` (contiguous class index) and `isthing` (objects or dicts).
@@ -79,9 +90,17 @@ def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments: Sequence, met
     return _render(image, drawn, alpha, show_labels)
 
 
-def draw_instances(image: np.ndarray, masks: np.ndarray, classes: Sequence[int], scores: Sequence[float],
-                   boxes: np.ndarray | None = None, meta: DatasetMeta | None = None, alpha: float = 0.5,
-                   show_labels: bool = True, score_threshold: float = 0.0) -> Image.Image:
+def draw_instances(
+    image: np.ndarray,
+    masks: np.ndarray,
+    classes: Sequence[int],
+    scores: Sequence[float],
+    boxes: np.ndarray | None = None,
+    meta: DatasetMeta | None = None,
+    alpha: float = 0.5,
+    show_labels: bool = True,
+    score_threshold: float = 0.0,
+) -> Image.Image:
     """image (H, W, 3) uint8, masks (N, H, W) bool, classes (N,), scores (N,), boxes (N, 4) xyxy -> overlay.
 
     Instances scoring below score_threshold are skipped; larger masks are painted first so small ones
@@ -138,7 +157,7 @@ def label_point(mask: np.ndarray) -> tuple[int, int]:
     if len(ys) == 0:
         raise ValueError("label_point: empty mask")
     top, left = int(ys.min()), int(xs.min())
-    crop = mask[top: int(ys.max()) + 1, left: int(xs.max()) + 1]
+    crop = mask[top : int(ys.max()) + 1, left : int(xs.max()) + 1]
     stride = max(1, -(-max(crop.shape) // 256))
     sampled = crop[::stride, ::stride]
     if not sampled.any():  # a thin mask the subsampling missed: any pixel of it will do
@@ -157,8 +176,13 @@ def label_point(mask: np.ndarray) -> tuple[int, int]:
 # Rendering
 
 
-def _render(image: np.ndarray, segments: list[_Segment], alpha: float, show_labels: bool,
-            boxes: list[tuple[tuple[float, float, float, float], Color]] | None = None) -> Image.Image:
+def _render(
+    image: np.ndarray,
+    segments: list[_Segment],
+    alpha: float,
+    show_labels: bool,
+    boxes: list[tuple[tuple[float, float, float, float], Color]] | None = None,
+) -> Image.Image:
     out = image.copy()
     for segment in segments:
         color = np.array(segment.color, dtype=np.float32)
@@ -193,15 +217,23 @@ def _inner_boundary(mask: np.ndarray) -> np.ndarray:
         return edge
     height, width = mask.shape
     # The bounding box grown by one pixel holds every neighbour that can be outside the mask.
-    region = (slice(max(int(ys.min()) - 1, 0), min(int(ys.max()) + 2, height)),
-              slice(max(int(xs.min()) - 1, 0), min(int(xs.max()) + 2, width)))
+    region = (
+        slice(max(int(ys.min()) - 1, 0), min(int(ys.max()) + 2, height)),
+        slice(max(int(xs.min()) - 1, 0), min(int(xs.max()) + 2, width)),
+    )
     crop = mask[region]
     edge[region] = crop & ~ndimage.binary_erosion(crop, border_value=1)
     return edge
 
 
-def _draw_label(draw: ImageDraw.ImageDraw, text: str, point: tuple[int, int], color: Color,
-                font, image_size: tuple[int, int]) -> None:
+def _draw_label(
+    draw: ImageDraw.ImageDraw,
+    text: str,
+    point: tuple[int, int],
+    color: Color,
+    font,
+    image_size: tuple[int, int],
+) -> None:
     """Text on a box of the segment colour, centred on point (y, x) and kept inside the image."""
     height, width = image_size
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)

@@ -9,7 +9,7 @@ from mask2former.cli import UserError
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """"128x96" -> (128, 96) as (H, W); a single number gives a square."""
+    """ "128x96" -> (128, 96) as (H, W); a single number gives a square."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
     if not match:
         raise UserError(f"--size {text!r}: expected HxW, e.g. 128x128")
@@ -20,13 +20,17 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "synth", help="write a synthetic scenes dataset (COCO panoptic format + semantic label PNGs)")
+        "synth", help="write a synthetic scenes dataset (COCO panoptic format + semantic label PNGs)"
+    )
     parser.add_argument("dir", help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--n", type=int, default=200, help="number of images (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--size", default="128x128", help="image size HxW (default 128x128)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="reuse a non-empty folder, replacing a previous synthetic set in it")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse a non-empty folder, replacing a previous synthetic set in it",
+    )
     parser.set_defaults(func=run)
 
 
@@ -44,6 +48,8 @@ def run(args) -> int:
     except OSError as error:
         raise UserError(f"{args.dir}: cannot write ({error.strerror or error})") from None
     segments = sum(len(a["segments_info"]) for a in panoptic["annotations"])
-    print(f"wrote {args.n} images ({segments} segments, {size[0]}x{size[1]}) to {args.dir} "
-          f"in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {args.n} images ({segments} segments, {size[0]}x{size[1]}) to {args.dir} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return 0

@@ -32,8 +32,13 @@ def _nearest_indices(size_out: int, size_in: int) -> np.ndarray:
     return np.minimum(((np.arange(size_out) + 0.5) * size_in / size_out).astype(np.int64), size_in - 1)
 
 
-def resize(image: np.ndarray, masks: np.ndarray, height: int, width: int,
-           window: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def resize(
+    image: np.ndarray,
+    masks: np.ndarray,
+    height: int,
+    width: int,
+    window: tuple[int, int, int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Image (H, W, 3) bilinear (PIL, as detectron2's ResizeTransform), masks (N, H, W) nearest.
 
     window (top, left, h, w) crops the resized result; masks are then only gathered inside it, which
@@ -43,14 +48,14 @@ def resize(image: np.ndarray, masks: np.ndarray, height: int, width: int,
     top, left, crop_h, crop_w = window if window is not None else (0, 0, height, width)
     if (h, w) != (height, width):
         image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-    rows = _nearest_indices(height, h)[top:top + crop_h]
-    cols = _nearest_indices(width, w)[left:left + crop_w]
-    return image[top:top + crop_h, left:left + crop_w], masks[:, rows][:, :, cols]
+    rows = _nearest_indices(height, h)[top : top + crop_h]
+    cols = _nearest_indices(width, w)[left : left + crop_w]
+    return image[top : top + crop_h, left : left + crop_w], masks[:, rows][:, :, cols]
 
 
 def crop(image: np.ndarray, masks: np.ndarray, top: int, left: int, height: int, width: int):
     """Cut the window [top, top + height) x [left, left + width) (clipped to the image)."""
-    return image[top:top + height, left:left + width], masks[:, top:top + height, left:left + width]
+    return image[top : top + height, left : left + width], masks[:, top : top + height, left : left + width]
 
 
 def pad(image: np.ndarray, masks: np.ndarray, height: int, width: int, image_value: int = 128):
@@ -98,8 +103,14 @@ def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     x = chroma * (1 - np.abs(sector % 2 - 1))
     zero = np.zeros_like(chroma)
     index = np.floor(sector).astype(np.int64) % 6
-    choices = [(chroma, x, zero), (x, chroma, zero), (zero, chroma, x),
-               (zero, x, chroma), (x, zero, chroma), (chroma, zero, x)]
+    choices = [
+        (chroma, x, zero),
+        (x, chroma, zero),
+        (zero, chroma, x),
+        (zero, x, chroma),
+        (x, zero, chroma),
+        (chroma, zero, x),
+    ]
     out = np.zeros(hsv.shape, dtype=np.float64)
     for k, channels in enumerate(choices):
         where = index == k
@@ -118,10 +129,19 @@ class ColorAugSSD:
     computed in float, without OpenCV's uint8 HSV round trip.
     """
 
-    def __init__(self, brightness_delta: float = 32, contrast: tuple[float, float] = (0.5, 1.5),
-                 saturation: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18):
+    def __init__(
+        self,
+        brightness_delta: float = 32,
+        contrast: tuple[float, float] = (0.5, 1.5),
+        saturation: tuple[float, float] = (0.5, 1.5),
+        hue_delta: int = 18,
+    ):
         self.brightness_delta, self.contrast, self.saturation, self.hue_delta = (
-            brightness_delta, contrast, saturation, hue_delta)
+            brightness_delta,
+            contrast,
+            saturation,
+            hue_delta,
+        )
 
     @staticmethod
     def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -170,8 +190,9 @@ class _Augmentation:
     def __init__(self, seed: int | None):
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray,
-                 rng: np.random.Generator | None = None) -> Arrays:
+    def __call__(
+        self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None
+    ) -> Arrays:
         masks = np.asarray(masks, dtype=bool).reshape(-1, *image.shape[:2])
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         return self.apply(image, masks, labels, rng if rng is not None else self.rng)
@@ -192,8 +213,16 @@ class LargeScaleJitter(_Augmentation):
     bottom/right (image `image_pad`, masks 0).
     """
 
-    def __init__(self, size: int | Sequence[int] = 1024, min_scale: float = 0.1, max_scale: float = 2.0,
-                 flip: bool = True, image_pad: int = 128, drop_empty: bool = True, seed: int | None = None):
+    def __init__(
+        self,
+        size: int | Sequence[int] = 1024,
+        min_scale: float = 0.1,
+        max_scale: float = 2.0,
+        flip: bool = True,
+        image_pad: int = 128,
+        drop_empty: bool = True,
+        seed: int | None = None,
+    ):
         super().__init__(seed)
         self.size, self.min_scale, self.max_scale = _pair(size), min_scale, max_scale
         self.flip, self.image_pad, self.drop_empty = flip, image_pad, drop_empty
@@ -224,10 +253,19 @@ class ShortestEdgeMultiScale(_Augmentation):
     the labelled pixels and at least two classes are present (RandomCrop_CategoryAreaConstraint).
     """
 
-    def __init__(self, short_edges: Sequence[int] = tuple(int(0.1 * 512 * x) for x in range(5, 21)),
-                 max_size: int = 2048, crop: tuple[int, int] | None = (512, 512), cat_max_ratio: float = 1.0,
-                 color_jitter: bool = True, flip: bool = True, pad_to_crop: bool = True, image_pad: int = 128,
-                 drop_empty: bool = True, seed: int | None = None):
+    def __init__(
+        self,
+        short_edges: Sequence[int] = tuple(int(0.1 * 512 * x) for x in range(5, 21)),
+        max_size: int = 2048,
+        crop: tuple[int, int] | None = (512, 512),
+        cat_max_ratio: float = 1.0,
+        color_jitter: bool = True,
+        flip: bool = True,
+        pad_to_crop: bool = True,
+        image_pad: int = 128,
+        drop_empty: bool = True,
+        seed: int | None = None,
+    ):
         super().__init__(seed)
         self.short_edges, self.max_size = list(short_edges), max_size
         self.crop = None if crop is None else _pair(crop)
@@ -250,7 +288,9 @@ class ShortestEdgeMultiScale(_Augmentation):
             top, left = int(rng.integers(h - crop_h + 1)), int(rng.integers(w - crop_w + 1))
             if self.cat_max_ratio >= 1.0:
                 break
-            window = masks[:, top:top + crop_h, left:left + crop_w].reshape(masks.shape[0], -1).sum(axis=1)
+            window = (
+                masks[:, top : top + crop_h, left : left + crop_w].reshape(masks.shape[0], -1).sum(axis=1)
+            )
             per_class = np.bincount(labels, weights=window) if labels.size else np.zeros(0)
             per_class = per_class[per_class > 0]
             if per_class.size > 1 and per_class.max() < per_class.sum() * self.cat_max_ratio:

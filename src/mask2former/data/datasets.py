@@ -121,8 +121,15 @@ class CocoPanopticDataset(_MaskDataset):
     Crowd segments give no mask (their pixels belong to no target, as in the official mapper).
     """
 
-    def __init__(self, image_dir: str | Path, panoptic_json: str | Path, panoptic_dir: str | Path,
-                 transform: Transform | None = None, seed: int | None = None, name: str | None = None):
+    def __init__(
+        self,
+        image_dir: str | Path,
+        panoptic_json: str | Path,
+        panoptic_dir: str | Path,
+        transform: Transform | None = None,
+        seed: int | None = None,
+        name: str | None = None,
+    ):
         super().__init__(transform, seed)
         self.image_dir, self.panoptic_dir = Path(image_dir), Path(panoptic_dir)
         self.json_path = Path(panoptic_json)
@@ -142,8 +149,11 @@ class CocoPanopticDataset(_MaskDataset):
     def _id_map(self, index: int, image: np.ndarray | None) -> np.ndarray:
         annotation = self.annotations[index]
         if "file_name" not in annotation:  # an image the json gives no annotation for: all void
-            shape = image.shape[:2] if image is not None else (self.images[index]["height"],
-                                                                self.images[index]["width"])
+            shape = (
+                image.shape[:2]
+                if image is not None
+                else (self.images[index]["height"], self.images[index]["width"])
+            )
             return np.zeros(shape, dtype=np.int64)
         path = self.panoptic_dir / annotation["file_name"]
         if not path.exists():
@@ -208,8 +218,9 @@ def _segmentation_to_mask(segmentation, height: int, width: int, where: str) -> 
     if isinstance(segmentation, dict) and "counts" in segmentation:
         mask = rle.decode(segmentation)[0]
         if mask.shape != (height, width):
-            raise DatasetError(f"{where}: RLE size {list(mask.shape)} differs from the image's "
-                               f"{[height, width]}")
+            raise DatasetError(
+                f"{where}: RLE size {list(mask.shape)} differs from the image's {[height, width]}"
+            )
         return mask
     raise DatasetError(f"{where}: segmentation is neither polygons nor RLE")
 
@@ -217,8 +228,14 @@ def _segmentation_to_mask(segmentation, height: int, width: int, where: str) -> 
 class CocoInstanceDataset(_MaskDataset):
     """COCO instances json (polygons or RLE). Crowd annotations are skipped, as in the official training."""
 
-    def __init__(self, image_dir: str | Path, instances_json: str | Path, transform: Transform | None = None,
-                 seed: int | None = None, name: str | None = None):
+    def __init__(
+        self,
+        image_dir: str | Path,
+        instances_json: str | Path,
+        transform: Transform | None = None,
+        seed: int | None = None,
+        name: str | None = None,
+    ):
         super().__init__(transform, seed)
         self.image_dir = Path(image_dir)
         self.json_path = Path(instances_json)
@@ -259,8 +276,13 @@ class CocoInstanceDataset(_MaskDataset):
         """{"annotations": the json's annotations of the image (dataset category ids), "image_id",
         "file_name", "height", "width"}."""
         info = self.images[index]
-        return {"annotations": list(self.annotations[index]), "image_id": info["id"],
-                "file_name": info["file_name"], "height": info.get("height"), "width": info.get("width")}
+        return {
+            "annotations": list(self.annotations[index]),
+            "image_id": info["id"],
+            "file_name": info["file_name"],
+            "height": info.get("height"),
+            "width": info.get("width"),
+        }
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -268,8 +290,9 @@ def read_label_png(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as label:
             if label.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise DatasetError(f"{path}: label PNG has mode {label.mode}; "
-                                   "expected one channel of class values")
+                raise DatasetError(
+                    f"{path}: label PNG has mode {label.mode}; expected one channel of class values"
+                )
             return np.asarray(label).astype(np.int64)
     except FileNotFoundError:
         raise DatasetError(f"{path}: label file not found") from None
@@ -285,9 +308,15 @@ class SemanticFolderDataset(_MaskDataset):
     present gives one mask. Without `meta`, names are "class_0".. with K = the largest value seen + 1.
     """
 
-    def __init__(self, image_dir: str | Path, label_dir: str | Path, ignore_label: int = 255,
-                 meta: DatasetMeta | None = None, transform: Transform | None = None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        image_dir: str | Path,
+        label_dir: str | Path,
+        ignore_label: int = 255,
+        meta: DatasetMeta | None = None,
+        transform: Transform | None = None,
+        seed: int | None = None,
+    ):
         super().__init__(transform, seed)
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
         self.ignore_label = ignore_label
@@ -308,10 +337,14 @@ class SemanticFolderDataset(_MaskDataset):
             if values.size:
                 top = max(top, int(values.max()))
         count = top + 1
-        return DatasetMeta(name=self.image_dir.parent.name or "semantic",
-                           class_names=[f"class_{k}" for k in range(count)],
-                           thing_classes=[False] * count, category_ids=list(range(count)),
-                           colors=[_fallback_color(k) for k in range(count)], ignore_label=self.ignore_label)
+        return DatasetMeta(
+            name=self.image_dir.parent.name or "semantic",
+            class_names=[f"class_{k}" for k in range(count)],
+            thing_classes=[False] * count,
+            category_ids=list(range(count)),
+            colors=[_fallback_color(k) for k in range(count)],
+            ignore_label=self.ignore_label,
+        )
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -323,8 +356,10 @@ class SemanticFolderDataset(_MaskDataset):
         classes = np.unique(label)
         classes = classes[classes != self.ignore_label]
         if classes.size and (classes.min() < 0 or classes.max() >= self.meta.num_classes):
-            raise DatasetError(f"{self.label_paths[index]}: class value {int(classes.max())} is not below "
-                               f"the {self.meta.num_classes} classes (use {self.ignore_label} for ignore)")
+            raise DatasetError(
+                f"{self.label_paths[index]}: class value {int(classes.max())} is not below "
+                f"the {self.meta.num_classes} classes (use {self.ignore_label} for ignore)"
+            )
         masks = label[None] == classes[:, None, None]
         path = self.image_paths[index]
         return image, masks, classes.astype(np.int64), path.stem, path.name
@@ -358,20 +393,23 @@ def _dataset_from_json(json_path: Path, root: Path, task: str | None, transform,
     if is_panoptic:
         if task == "semantic" and (root / "semantic").is_dir():
             meta = meta_from_categories(data["categories"], root.name)
-            return SemanticFolderDataset(image_dir, root / "semantic", meta=meta, transform=transform,
-                                         seed=seed)
+            return SemanticFolderDataset(
+                image_dir, root / "semantic", meta=meta, transform=transform, seed=seed
+            )
         panoptic_dir = json_path.with_suffix("")
         if not panoptic_dir.is_dir():
             panoptic_dir = root / "panoptic"
         if not panoptic_dir.is_dir():
-            raise DatasetError(f"{json_path}: no folder of panoptic PNGs next to it "
-                               f"({json_path.with_suffix('')})")
+            raise DatasetError(
+                f"{json_path}: no folder of panoptic PNGs next to it ({json_path.with_suffix('')})"
+            )
         return CocoPanopticDataset(image_dir, json_path, panoptic_dir, transform=transform, seed=seed)
     return CocoInstanceDataset(image_dir, json_path, transform=transform, seed=seed)
 
 
-def open_dataset(path: str | Path, task: str | None = None, transform: Transform | None = None,
-                 seed: int | None = None) -> _MaskDataset:
+def open_dataset(
+    path: str | Path, task: str | None = None, transform: Transform | None = None, seed: int | None = None
+) -> _MaskDataset:
     """Detect a dataset's layout and open it.
 
     Accepted: a COCO json file (panoptic or instances); a folder holding panoptic.json (our synthetic

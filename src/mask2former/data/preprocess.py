@@ -38,8 +38,9 @@ class PreprocessedImage:
     original_size: tuple[int, int]
 
 
-def shortest_edge_size(height: int, width: int, short_edge: int = 800,
-                       max_size: int = 1333) -> tuple[int, int]:
+def shortest_edge_size(
+    height: int, width: int, short_edge: int = 800, max_size: int = 1333
+) -> tuple[int, int]:
     """detectron2's ResizeShortestEdge output (new_h, new_w) for an (height, width) image.
 
     The short side becomes `short_edge` unless the long side would exceed `max_size`, then the long side
@@ -77,8 +78,9 @@ def _to_nchw_float(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float()
 
 
-def preprocess_deploy(image, size: tuple[int, int] = (1024, 1024), dtype: torch.dtype = torch.float32
-                      ) -> PreprocessedImage:
+def preprocess_deploy(
+    image, size: tuple[int, int] = (1024, 1024), dtype: torch.dtype = torch.float32
+) -> PreprocessedImage:
     """Image (anything `load_image` reads) -> exactly (1, 3, size[0], size[1]), aspect ratio not kept.
 
     The whole tensor is image (no padding), so image_size == size.
@@ -96,8 +98,13 @@ def preprocess_deploy(image, size: tuple[int, int] = (1024, 1024), dtype: torch.
     return PreprocessedImage(tensor=tensor, image_size=(height, width), original_size=rgb.shape[:2])
 
 
-def preprocess_official(image, short_edge: int = 800, max_size: int = 1333, size_divisibility: int = 32,
-                        dtype: torch.dtype = torch.float32) -> PreprocessedImage:
+def preprocess_official(
+    image,
+    short_edge: int = 800,
+    max_size: int = 1333,
+    size_divisibility: int = 32,
+    dtype: torch.dtype = torch.float32,
+) -> PreprocessedImage:
     """Image -> (1, 3, Hp, Wp) with the official test-time resize, Hp and Wp multiples of size_divisibility.
 
     The resize is PIL bilinear on uint8, as detectron2's ResizeTransform does for uint8 images.

@@ -48,7 +48,10 @@ THING_SHAPES = [name for _, name, thing, _ in _CLASSES if thing]
 STUFF_NAMES = [name for _, name, thing, _ in _CLASSES if not thing]
 # Base colour of each stuff texture; jittered per scene. Sky and water are both blue on purpose.
 _STUFF_BASE = {
-    "sky": (120, 165, 215), "grass": (80, 140, 60), "water": (50, 100, 160), "wall": (165, 110, 90),
+    "sky": (120, 165, 215),
+    "grass": (80, 140, 60),
+    "water": (50, 100, 160),
+    "wall": (165, 110, 90),
 }
 _FILE_PATTERN = re.compile(r"^\d{6}\.png$")
 
@@ -241,13 +244,15 @@ def segments_of(id_map: np.ndarray) -> list[dict]:
             continue
         ys, xs = np.nonzero(id_map == segment_id)
         x0, y0 = int(xs.min()), int(ys.min())
-        segments.append({
-            "id": int(segment_id),
-            "category_id": int(segment_id) // 1000,
-            "iscrowd": 0,
-            "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
-            "area": int(ys.size),
-        })
+        segments.append(
+            {
+                "id": int(segment_id),
+                "category_id": int(segment_id) // 1000,
+                "iscrowd": 0,
+                "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+                "area": int(ys.size),
+            }
+        )
     return segments
 
 
@@ -266,10 +271,16 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 def categories_json(meta: DatasetMeta = SYNTH_META) -> list[dict]:
     """The "categories" list of panoptic.json, in contiguous class order."""
     return [
-        {"id": cid, "name": name, "supercategory": "thing" if thing else "stuff", "isthing": int(thing),
-         "color": list(color)}
+        {
+            "id": cid,
+            "name": name,
+            "supercategory": "thing" if thing else "stuff",
+            "isthing": int(thing),
+            "color": list(color),
+        }
         for cid, name, thing, color in zip(
-            meta.category_ids, meta.class_names, meta.thing_classes, meta.colors, strict=True)
+            meta.category_ids, meta.class_names, meta.thing_classes, meta.colors, strict=True
+        )
     ]
 
 
@@ -291,8 +302,13 @@ def _prepare_folder(out_dir: Path, overwrite: bool) -> None:
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
 
-def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, size: tuple[int, int] = (128, 128),
-             overwrite: bool = False) -> dict:
+def generate(
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int = 0,
+    size: tuple[int, int] = (128, 128),
+    overwrite: bool = False,
+) -> dict:
     """Write n scenes of size (H, W) to out_dir (layout in the module docstring); returns panoptic.json.
 
     panoptic.json is written last, so its presence means the set is complete.
@@ -324,4 +340,3 @@ def generate(out_dir: str | os.PathLike, n: int, seed: int = 0, size: tuple[int,
     temp.write_text(json.dumps(panoptic, indent=None, separators=(",", ":")))
     os.replace(temp, json_path)
     return panoptic
-

@@ -36,9 +36,13 @@ DEFAULT_WEIGHTS = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
 
 
 @torch.no_grad()
-def uncertain_point_coords(mask_logits: torch.Tensor, num_points: int, oversample_ratio: float,
-                           importance_sample_ratio: float,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+def uncertain_point_coords(
+    mask_logits: torch.Tensor,
+    num_points: int,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """PointRend's training points for mask logits (M, 1, H, W) -> (M, num_points, 2), (x, y) in [0, 1].
 
     Draw oversample_ratio * P uniform points, keep the importance_sample_ratio * P most uncertain
@@ -86,9 +90,16 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
 class SetCriterion(nn.Module):
     """Mask2Former's loss: `forward` returns the unweighted losses, `total_loss` their weighted sum."""
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None,
-                 weight_dict: dict[str, float] | None = None, eos_coef: float = 0.1, num_points: int = 12544,
-                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher | None = None,
+        weight_dict: dict[str, float] | None = None,
+        eos_coef: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
@@ -103,9 +114,13 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     # -- the three losses of one decoder prediction ----------------------------------------------------
-    def loss_labels(self, pred_logits: torch.Tensor, targets: list[dict],
-                    indices: list[tuple[torch.Tensor, torch.Tensor]], class_weight_total: torch.Tensor
-                    ) -> torch.Tensor:
+    def loss_labels(
+        self,
+        pred_logits: torch.Tensor,
+        targets: list[dict],
+        indices: list[tuple[torch.Tensor, torch.Tensor]],
+        class_weight_total: torch.Tensor,
+    ) -> torch.Tensor:
         """Weighted cross-entropy of pred_logits (B, Q, K+1); unmatched queries target class K (no-object)."""
         logits = pred_logits.float()
         device = logits.device
@@ -117,9 +132,15 @@ class SetCriterion(nn.Module):
         loss_sum = F.cross_entropy(logits.transpose(1, 2), target_classes, weight=weight, reduction="sum")
         return loss_sum / class_weight_total
 
-    def loss_masks(self, pred_masks: torch.Tensor, targets: list[dict],
-                   indices: list[tuple[torch.Tensor, torch.Tensor]], num_masks: float, layer: int,
-                   generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    def loss_masks(
+        self,
+        pred_masks: torch.Tensor,
+        targets: list[dict],
+        indices: list[tuple[torch.Tensor, torch.Tensor]],
+        num_masks: float,
+        layer: int,
+        generator: torch.Generator | None,
+    ) -> dict[str, torch.Tensor]:
         """Point-sampled BCE and dice of the matched pairs; pred_masks (B, Q, H/4, W/4) mask logits."""
         size = batch_target_size(targets)
         point_logits, point_labels = [], []
@@ -129,13 +150,19 @@ class SetCriterion(nn.Module):
             # float32 so fp16 predictions are sampled at exact coordinates (autocast does so officially)
             masks = pred_masks[b, pred_idx.to(pred_masks.device)][:, None].float()  # (M, 1, H/4, W/4)
             image_gen = image_generator(target, LOSS_STREAM, layer, masks.device, generator)
-            coords = uncertain_point_coords(masks.detach(), self.num_points, self.oversample_ratio,
-                                            self.importance_sample_ratio, image_gen)
+            coords = uncertain_point_coords(
+                masks.detach(),
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+                image_gen,
+            )
             with torch.no_grad():
                 # Each target is sampled at the points of its prediction: no (M, Hp, Wp) copy of the
                 # targets (float32 targets are used in place; bool ones are converted once).
-                target_masks = pad_target_masks(target["masks"].to(device=masks.device, dtype=torch.float32),
-                                                 size)
+                target_masks = pad_target_masks(
+                    target["masks"].to(device=masks.device, dtype=torch.float32), size
+                )
                 tgt_idx = tgt_idx.to(masks.device)
                 target_coords = coords.new_zeros(len(target_masks), *coords.shape[1:])
                 target_coords[tgt_idx] = coords
@@ -148,8 +175,10 @@ class SetCriterion(nn.Module):
             zero = pred_masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         point_logits, point_labels = torch.cat(point_logits), torch.cat(point_labels)
-        return {"loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
-                "loss_dice": dice_loss(point_logits, point_labels, num_masks)}
+        return {
+            "loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
+            "loss_dice": dice_loss(point_logits, point_labels, num_masks),
+        }
 
     # -- all decoder predictions -------------------------------------------------------------------------
     def normalizers(self, outputs: dict, targets: list[dict]) -> tuple[float, torch.Tensor]:
@@ -164,13 +193,15 @@ class SetCriterion(nn.Module):
         num_targets = sum(len(t["labels"]) for t in targets)
         matched = sum(min(queries, len(t["labels"])) for t in targets)
         no_object = batch * queries - matched
-        local = torch.tensor([num_targets, matched + no_object * self.eos_coef], dtype=torch.float32,
-                             device=device)
+        local = torch.tensor(
+            [num_targets, matched + no_object * self.eos_coef], dtype=torch.float32, device=device
+        )
         num_masks, class_weight_total = global_mean(local)
         return max(float(num_masks), 1.0), class_weight_total
 
-    def forward(self, outputs: dict, targets: list[dict],
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict, targets: list[dict], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """Unweighted losses of the final prediction and of every auxiliary one.
 
         outputs: {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), optional "aux_outputs": list of
@@ -185,10 +216,14 @@ class SetCriterion(nn.Module):
         losses = {}
         for layer_outputs, layer, suffix in layers:
             indices = self.matcher(layer_outputs, targets, layer=layer, generator=generator)
-            layer_losses = {"loss_ce": self.loss_labels(layer_outputs["pred_logits"], targets, indices,
-                                                        class_weight_total)}
-            layer_losses.update(self.loss_masks(layer_outputs["pred_masks"], targets, indices, num_masks,
-                                                layer, generator))
+            layer_losses = {
+                "loss_ce": self.loss_labels(
+                    layer_outputs["pred_logits"], targets, indices, class_weight_total
+                )
+            }
+            layer_losses.update(
+                self.loss_masks(layer_outputs["pred_masks"], targets, indices, num_masks, layer, generator)
+            )
             losses.update({key + suffix: value for key, value in layer_losses.items()})
         return losses
 
@@ -206,7 +241,9 @@ class SetCriterion(nn.Module):
         return sum(self.weight_of(key) * value for key, value in losses.items())
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, matcher={self.matcher!r}, weight_dict={self.weight_dict}, "
-                f"eos_coef={self.eos_coef}, num_points={self.num_points}, "
-                f"oversample_ratio={self.oversample_ratio}, "
-                f"importance_sample_ratio={self.importance_sample_ratio}")
+        return (
+            f"num_classes={self.num_classes}, matcher={self.matcher!r}, weight_dict={self.weight_dict}, "
+            f"eos_coef={self.eos_coef}, num_points={self.num_points}, "
+            f"oversample_ratio={self.oversample_ratio}, "
+            f"importance_sample_ratio={self.importance_sample_ratio}"
+        )

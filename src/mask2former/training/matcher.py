@@ -45,8 +45,9 @@ def point_generator(seed: int, stream: int, layer: int, device: torch.device | s
     return torch.Generator(device=device).manual_seed(state)
 
 
-def image_generator(target: dict, stream: int, layer: int, device: torch.device,
-                    fallback: torch.Generator | None) -> torch.Generator | None:
+def image_generator(
+    target: dict, stream: int, layer: int, device: torch.device, fallback: torch.Generator | None
+) -> torch.Generator | None:
     """The generator for one image: derived from its `point_seed` when present, else `fallback`."""
     seed = target.get("point_seed")
     if seed is None:
@@ -54,8 +55,9 @@ def image_generator(target: dict, stream: int, layer: int, device: torch.device,
     return point_generator(int(seed), stream, layer, device)
 
 
-def random_point_coords(num_masks: int, num_points: int, device: torch.device,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+def random_point_coords(
+    num_masks: int, num_points: int, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Uniform random points (num_masks, num_points, 2), (x, y) in [0, 1)."""
     return torch.rand(num_masks, num_points, 2, device=device, generator=generator)
 
@@ -102,8 +104,9 @@ class HungarianMatcher:
     Unmatched queries (Q - N_i of them when Q >= N_i) are supervised as no-object by the criterion.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
-                 num_points: int = 12544):
+    def __init__(
+        self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544
+    ):
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("HungarianMatcher: cost_class, cost_mask and cost_dice are all 0; make one > 0")
         self.cost_class = cost_class
@@ -112,8 +115,14 @@ class HungarianMatcher:
         self.num_points = num_points
 
     @torch.no_grad()
-    def cost_matrix(self, logits: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                    target_masks: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def cost_matrix(
+        self,
+        logits: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        target_masks: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """The matching cost of one image, float32 (Q, N).
 
         logits (Q, K+1), masks (Q, H, W) mask logits, labels (N,) int64, target_masks (N, Hp, Wp) float,
@@ -134,8 +143,9 @@ class HungarianMatcher:
         return self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
 
     @torch.no_grad()
-    def __call__(self, outputs: dict, targets: list[dict], layer: int = 0,
-                 generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(
+        self, outputs: dict, targets: list[dict], layer: int = 0, generator: torch.Generator | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Match one decoder layer's predictions to the targets.
 
         outputs: {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4)}.
@@ -154,18 +164,26 @@ class HungarianMatcher:
                 continue
             image_gen = image_generator(target, MATCHER_STREAM, layer, pred_masks.device, generator)
             target_masks = target["masks"].to(device=pred_masks.device, dtype=torch.float32)
-            cost = self.cost_matrix(pred_logits[b], pred_masks[b], labels.to(pred_logits.device),
-                                    pad_target_masks(target_masks, size), image_gen).cpu()
+            cost = self.cost_matrix(
+                pred_logits[b],
+                pred_masks[b],
+                labels.to(pred_logits.device),
+                pad_target_masks(target_masks, size),
+                image_gen,
+            ).cpu()
             if not torch.isfinite(cost).all():
                 raise FloatingPointError(
                     f"HungarianMatcher: the matching cost of image {b} has NaN/inf: the predictions diverged "
                     "(lower the learning rate or check the inputs)"
                 )
             pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(pred_idx, dtype=torch.int64),
-                            torch.as_tensor(tgt_idx, dtype=torch.int64)))
+            indices.append(
+                (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64))
+            )
         return indices
 
     def __repr__(self) -> str:
-        return (f"HungarianMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
-                f"cost_dice={self.cost_dice}, num_points={self.num_points})")
+        return (
+            f"HungarianMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
+            f"cost_dice={self.cost_dice}, num_points={self.num_points})"
+        )
