@@ -58,3 +58,26 @@ def test_unknown_keys_and_presets_are_errors():
         ModelConfig.from_dict({"nmae": "x"})
     with pytest.raises(ValueError, match="known presets"):
         get_preset("coco-panoptic-r51")
+
+
+# SPEC.md section 5: the official model zoo's parameter counts (millions, as published, rounded).
+PUBLISHED_MILLIONS = {
+    "coco-panoptic-r50": 44,
+    "coco-panoptic-r101": 63,
+    "coco-panoptic-swin-t": 47,
+    "coco-panoptic-swin-s": 69,
+    "coco-panoptic-swin-b": 107,
+    "coco-panoptic-swin-l": 216,
+}
+
+
+@pytest.mark.parametrize("name, millions", PUBLISHED_MILLIONS.items())
+def test_parameter_counts_match_the_published_ones_within_one_percent(name, millions):
+    import torch
+
+    import mask2former
+
+    with torch.device("meta"):  # shapes only: Swin-L's 216M parameters cost no memory or init time
+        model = mask2former.build(name)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - millions * 1e6) <= 0.01 * millions * 1e6, f"{name}: {count:,} parameters"
