@@ -202,3 +202,16 @@ def test_diverged_predictions_raise_a_clear_error():
     outputs = {"pred_logits": logits, "pred_masks": torch.randn(1, 3, 8, 8)}
     with pytest.raises(FloatingPointError, match="diverged"):
         matcher(outputs, [{"labels": torch.tensor([0]), "masks": torch.ones(1, 8, 8)}])
+
+
+def test_diverged_predictions_under_ddp_match_instead_of_raising_on_one_rank(monkeypatch):
+    # One rank raising alone would hang the others; the NaN loss stops all ranks together instead.
+    from mask2former.training import matcher as matcher_module
+
+    monkeypatch.setattr(matcher_module, "_other_processes", lambda: True)
+    matcher = HungarianMatcher(num_points=16)
+    logits = torch.randn(1, 3, 4)
+    logits[0, 1, 0] = float("nan")
+    outputs = {"pred_logits": logits, "pred_masks": torch.randn(1, 3, 8, 8)}
+    [(pred_idx, tgt_idx)] = matcher(outputs, [{"labels": torch.tensor([0]), "masks": torch.ones(1, 8, 8)}])
+    assert tgt_idx.tolist() == [0] and len(pred_idx) == 1 and pred_idx.dtype == torch.int64

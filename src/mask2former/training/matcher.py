@@ -172,6 +172,13 @@ class HungarianMatcher:
                 image_gen,
             ).cpu()
             if not torch.isfinite(cost).all():
+                if _other_processes():
+                    # Raising on this rank alone would leave the others waiting in the next all_reduce:
+                    # match on a finite stand-in; the non-finite loss then stops every rank together.
+                    cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
+                    pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())
+                    indices.append((torch.as_tensor(pred_idx), torch.as_tensor(tgt_idx)))
+                    continue
                 raise FloatingPointError(
                     f"HungarianMatcher: the matching cost of image {b} has NaN/inf: the predictions diverged "
                     "(lower the learning rate or check the inputs)"
@@ -187,3 +194,9 @@ class HungarianMatcher:
             f"HungarianMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
             f"cost_dice={self.cost_dice}, num_points={self.num_points})"
         )
+
+
+def _other_processes() -> bool:
+    """True inside a torch.distributed group of more than one process."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
