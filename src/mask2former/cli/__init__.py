@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Listed explicitly (no registry): the order is the order of `mask2former --help`.
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as error:
-        print(f"mask2former {args.command}: error: {error}", file=sys.stderr)
+        # Under torchrun every process checks the same arguments: tag the others' copies of the line.
+        rank = os.environ.get("RANK", "0")
+        where = "" if rank == "0" else f" (rank {rank})"
+        print(f"mask2former {args.command}: error{where}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
