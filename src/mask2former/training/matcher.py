@@ -172,17 +172,14 @@ class HungarianMatcher:
                 image_gen,
             ).cpu()
             if not torch.isfinite(cost).all():
-                if _other_processes():
-                    # Raising on this rank alone would leave the others waiting in the next all_reduce:
-                    # match on a finite stand-in; the non-finite loss then stops every rank together.
-                    cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
-                    pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())
-                    indices.append((torch.as_tensor(pred_idx), torch.as_tensor(tgt_idx)))
-                    continue
-                raise FloatingPointError(
-                    f"HungarianMatcher: the matching cost of image {b} has NaN/inf: the predictions diverged "
-                    "(lower the learning rate or check the inputs)"
-                )
+                if not _other_processes():
+                    raise FloatingPointError(
+                        f"HungarianMatcher: the matching cost of image {b} has NaN/inf: the predictions "
+                        "diverged (lower the learning rate or check the inputs)"
+                    )
+                # Raising on this rank alone would leave the others waiting in the next all_reduce: match
+                # on a finite stand-in; the non-finite loss then stops every rank together.
+                cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
             pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())
             indices.append(
                 (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64))
