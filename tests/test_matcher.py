@@ -208,7 +208,7 @@ def test_diverged_predictions_under_ddp_match_instead_of_raising_on_one_rank(mon
     # One rank raising alone would hang the others; the NaN loss stops all ranks together instead.
     from mask2former.training import matcher as matcher_module
 
-    monkeypatch.setattr(matcher_module, "_other_processes", lambda: True)
+    monkeypatch.setattr(matcher_module, "is_distributed", lambda: True)
     matcher = HungarianMatcher(num_points=16)
     logits = torch.randn(1, 3, 4)
     logits[0, 1, 0] = float("nan")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from mask2former.training.distributed import is_distributed
+
 # Streams of the per-image generator: matching and the loss's importance sampling must not share points.
 MATCHER_STREAM = 0
 LOSS_STREAM = 1
@@ -172,7 +174,7 @@ class HungarianMatcher:
                 image_gen,
             ).cpu()
             if not torch.isfinite(cost).all():
-                if not _other_processes():
+                if not is_distributed():
                     raise FloatingPointError(
                         f"HungarianMatcher: the matching cost of image {b} has NaN/inf: the predictions "
                         "diverged (lower the learning rate or check the inputs)"
@@ -191,9 +193,3 @@ class HungarianMatcher:
             f"HungarianMatcher(cost_class={self.cost_class}, cost_mask={self.cost_mask}, "
             f"cost_dice={self.cost_dice}, num_points={self.num_points})"
         )
-
-
-def _other_processes() -> bool:
-    """True inside a torch.distributed group of more than one process."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
