@@ -57,3 +57,14 @@ def test_export_without_weights_exports_the_bundled_model(tmp_path, capsys):
     sidecar = json.loads(Path(f"{out}.json").read_text())
     assert sidecar["classes"] == mask2former.load().config.class_names
     assert np.isfinite(sidecar["parity"][0]["max_abs_logits"])
+
+
+def test_the_shipped_config_is_the_preset_with_the_tuned_test_scale(capsys):
+    shipped = mask2former.load().config
+    preset = mask2former.get_preset("synth-tiny")
+    assert shipped.input == preset.input and (shipped.input.short_edge, shipped.input.max_size) == (160, 320)
+    assert (shipped.backbone, shipped.pixel_decoder, shipped.decoder) == (
+        preset.backbone,
+        preset.pixel_decoder,
+        preset.decoder,
+    )

@@ -7,6 +7,7 @@ semantic / panoptic / instance post-processing in original-image coordinates.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +90,24 @@ class Predictor:
             max_size=cfg.max_size,
             size_divisibility=cfg.size_divisibility,
         )
+
+    def set_short_edge(self, short_edge: int, max_size: int | None = None) -> None:
+        """Run the official pre-processing at another test-time scale.
+
+        The shortest edge becomes `short_edge`; the longest is capped at `max_size`, by default the
+        configured cap scaled by the same factor. Raises ValueError for a fixed-size (deploy) model.
+        """
+        cfg = self.config.input
+        if cfg.mode != "official":
+            raise ValueError(
+                f"model {self.config.name!r} resizes every image to a fixed {cfg.size}; "
+                "a short-edge size applies to official-mode pre-processing only"
+            )
+        if short_edge < 1 or (max_size is not None and max_size < 1):
+            raise ValueError(f"short edge {short_edge} / max size {max_size}: must be at least 1")
+        if max_size is None:
+            max_size = max(short_edge, round(cfg.max_size * short_edge / cfg.short_edge))
+        self.config.input = dataclasses.replace(cfg, short_edge=short_edge, max_size=max_size)
 
     def predict(self, image, task: str | None = None) -> Result:
         """Segment one image (path, PIL image or (H, W, 3) uint8 array) -> a typed result."""

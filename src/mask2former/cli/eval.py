@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mask2former.cli import UserError
+from mask2former.cli.predict import add_scale_arguments
 
 _FILE_ARGUMENTS = {
     "panoptic": ("pred_json", "pred_dir", "gt_json", "gt_dir"),
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
     model.add_argument("--preset", help="architecture preset for --weights")
     model.add_argument("--device", default="cpu")
     model.add_argument("--limit", type=int, help="evaluate the first N images only")
+    add_scale_arguments(model)
     parser.add_argument("--out", help="folder for metrics.json (created if missing)")
     parser.add_argument("--per-class", action="store_true", help="also print the per-class table")
     parser.add_argument("--verbose", action="store_true", help="show COCOeval's own output")
@@ -96,13 +98,15 @@ def evaluate_model(
     device: str = "cpu",
     limit: int | None = None,
     progress: bool = True,
+    short_edge: int | None = None,
+    max_size: int | None = None,
 ) -> dict:
     """Run a model over a dataset and score it; returns the same dict as the file evaluation.
 
     Under torchrun the images are sharded over the processes and the statistics merged on rank 0, which
     returns the metrics; the other ranks return None. weights None = the bundled model.
     """
-    from mask2former.cli.predict import make_predictor
+    from mask2former.cli.predict import apply_scale_arguments, make_predictor
     from mask2former.data.datasets import DatasetError, open_dataset
     from mask2former.evaluation import EvaluationError
     from mask2former.evaluation.model import evaluate_predictor
@@ -117,10 +121,15 @@ def evaluate_model(
     except (DatasetError, FileNotFoundError, ValueError) as error:
         raise UserError(f"--data {data}: {error}") from None
     predictor = make_predictor(weights, preset, device)
+    apply_scale_arguments(predictor, short_edge, max_size)
     rank, world_size = distributed.init_from_environment(device)
     if rank == 0:
         state = "trained" if predictor.trained else "RANDOMLY INITIALISED"
-        print(f"evaluating {predictor.config.name} ({state}, {predictor.source}) on {data} ({task})")
+        inp = predictor.config.input
+        scale = (
+            f"short edge {inp.short_edge}" if inp.mode == "official" else "x".join(map(str, inp.size or ()))
+        )
+        print(f"evaluating {predictor.config.name} ({state}, {predictor.source}, {scale}) on {data} ({task})")
     try:
         metrics = evaluate_predictor(predictor, dataset, task, limit, rank, world_size, progress)
     except EvaluationError as error:
@@ -217,8 +226,14 @@ def run(args: argparse.Namespace) -> int:
             args.device,
             args.limit,
             progress=not args.no_progress,
+            short_edge=args.short_edge,
+            max_size=args.max_size,
         )
     else:
+        if args.short_edge is not None or args.max_size is not None:
+            raise UserError(
+                "--short-edge/--max-size apply to a model (--weights/--data), not to prediction files"
+            )
         metrics = evaluate_files(args)
     if metrics is None:  # a torchrun rank other than 0: rank 0 reports
         return 0

@@ -46,7 +46,36 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-picture", action="store_true", help="skip the overlay pictures")
+    add_scale_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_scale_arguments(parser) -> None:
+    """--short-edge / --max-size: test-time scale of the official pre-processing."""
+    parser.add_argument(
+        "--short-edge",
+        type=int,
+        default=None,
+        help="resize the shortest image edge to this many pixels (default: the model's own)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        help="cap on the longest edge (default: the model's own, scaled with --short-edge)",
+    )
+
+
+def apply_scale_arguments(predictor, short_edge: int | None, max_size: int | None) -> None:
+    """Apply --short-edge / --max-size to a predictor, with one-line errors."""
+    if short_edge is None and max_size is None:
+        return
+    try:
+        predictor.set_short_edge(
+            predictor.config.input.short_edge if short_edge is None else short_edge, max_size
+        )
+    except ValueError as error:
+        raise UserError(f"--short-edge/--max-size: {error}") from None
 
 
 def make_predictor(weights: str | None, preset: str | None, device: str = "cpu", backend: str | None = None):
@@ -109,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise UserError(f"no images found in {' '.join(args.inputs)}")
     predictor = make_predictor(args.weights, args.preset, args.device, args.backend)
+    apply_scale_arguments(predictor, args.short_edge, args.max_size)
     task = args.task or predictor.config.task
     print(describe(predictor))
     writer = PredictionWriter(Path(args.out), predictor.config, task, pictures=not args.no_picture)
