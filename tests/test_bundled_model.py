@@ -47,8 +47,9 @@ def test_eval_without_weights_scores_the_bundled_model_on_fresh_synthetic_scenes
         out = tmp_path / task
         assert main(["eval", "--data", str(data), "--task", task, "--out", str(out), "--no-progress"]) == 0
         metrics.update(json.loads((out / "metrics.json").read_text()))
-    assert metrics["PQ"] >= 65 and metrics["PQ_st"] >= 85, metrics
-    assert metrics["mIoU"] >= 80, metrics
+    # Measured on these 24 scenes: PQ 91.8 (things 86.3), mIoU 94.6.
+    assert metrics["PQ"] >= 85 and metrics["PQ_th"] >= 78 and metrics["PQ_st"] >= 95, metrics
+    assert metrics["mIoU"] >= 88, metrics
 
 
 def test_export_without_weights_exports_the_bundled_model(tmp_path, capsys):
@@ -62,7 +63,7 @@ def test_export_without_weights_exports_the_bundled_model(tmp_path, capsys):
 def test_the_shipped_config_is_the_preset_with_the_tuned_test_scale(capsys):
     shipped = mask2former.load().config
     preset = mask2former.get_preset("synth-tiny")
-    assert shipped.input == preset.input and (shipped.input.short_edge, shipped.input.max_size) == (160, 320)
+    assert shipped.input == preset.input and (shipped.input.short_edge, shipped.input.max_size) == (192, 384)
     assert (shipped.backbone, shipped.pixel_decoder, shipped.decoder) == (
         preset.backbone,
         preset.pixel_decoder,

@@ -35,9 +35,9 @@ def predictor():
 def test_short_edge_sets_the_network_input_and_results_stay_in_image_coordinates(predictor):
     image = np.random.default_rng(0).integers(0, 256, (96, 144, 3), dtype=np.uint8)
     default = predictor.config.input
-    assert (default.mode, default.short_edge, default.max_size) == ("official", 160, 320)
+    assert (default.mode, default.short_edge, default.max_size) == ("official", 192, 384)
 
-    predictor.set_short_edge(64)  # cap scales with it: 320 * 64 / 160 = 128
+    predictor.set_short_edge(64)  # cap scales with it: 384 * 64 / 192 = 128
     assert predictor.config.input.max_size == 128
     assert predictor.preprocess(image).image_size == (64, 96)
     result = predictor.predict(image, "semantic")
