@@ -31,7 +31,7 @@ import torch
 
 from mask2former.modeling.deform_attn import ms_deform_attn_reference, offset_grid
 from mask2former.modeling.deform_attn_fast import ms_deform_attn_fast
-from mask2former.speed import PeakMemory
+from mask2former.profiling import PeakMemory
 
 PATHS = {"reference": ms_deform_attn_reference, "fast": ms_deform_attn_fast}
 

@@ -2,11 +2,11 @@
 reference path and against Hugging Face transformers' eager Mask2Former.
 
 - fast: `optimize_for_inference` (FrozenBN folded), the corner-gather deformable attention, intermediate
-  masks at attention-mask size, official panoptic post-processing (`speed.run_stages`).
+  masks at attention-mask size, official panoptic post-processing (`profiling.run_stages`).
 - reference: the same weights unfolded, grid_sample deformable attention, every intermediate mask at
   full resolution (the decoder run with aux outputs, then dropped), same post-processing.
-- fast, reuse memory: the fast path with glibc keeping freed memory for reuse (`speed.set_allocator`, opt-in,
-  process-wide), switched on around these runs only.
+- fast, reuse memory: the fast path with glibc keeping freed memory for reuse
+  (`profiling.set_allocator`, opt-in, process-wide), switched on around these runs only.
 - huggingface: transformers' Mask2FormerForUniversalSegmentation with a ResNet-50 backbone (bottleneck
   [3, 4, 6, 3], 256..2048; 100 queries, 9 decoder layers, 6 encoder layers), built offline, eager, then its
   image processor's post_process_panoptic_segmentation at the input size. It gets our random weights through
@@ -34,7 +34,9 @@ import warnings
 import torch
 
 import mask2former
-from mask2former.speed import STAGES, allocator, optimize_for_inference, reference_path, run_stages
+from mask2former.inference.optimize import optimize_for_inference
+from mask2former.modeling.kernels import use_kernels
+from mask2former.profiling import STAGES, allocator, run_stages
 
 
 def build_huggingface(model: torch.nn.Module, config) -> tuple[torch.nn.Module, str]:
@@ -112,7 +114,7 @@ def main() -> None:
         run_stages(fast_model, images, config, timed_stages("fast") if timed else _untimed)
 
     def reference(timed: bool = True) -> None:
-        with reference_path():
+        with use_kernels(deform_attn="reference"):
             run_stages(
                 reference_model,
                 images,
@@ -148,7 +150,7 @@ def main() -> None:
     # Warm-up, and the parity of the two paths of our model on this input.
     with torch.inference_mode():
         got = fast_model(images)
-        with reference_path():
+        with use_kernels(deform_attn="reference"):
             expected = reference_model(images, return_aux=True)
     for key in ("pred_logits", "pred_masks"):
         difference = (got[key] - expected[key]).abs().max().item()
@@ -193,7 +195,7 @@ def main() -> None:
     if "fast, reuse memory" in totals:
         reuse, plain = totals["fast, reuse memory"], totals["fast"]
         print(
-            f"fast with glibc reusing freed memory (speed.set_allocator('reuse'), process-wide, opt-in): "
+            f"fast with glibc reusing freed memory (profiling.set_allocator('reuse'), process-wide, opt-in): "
             f"{min(plain) / min(reuse):.2f}x the default allocator's fast path (min/min)"
         )
 

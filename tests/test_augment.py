@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import binary_erosion
 
+from mask2former.config import PIXEL_MEAN, PIXEL_STD
 from mask2former.data.augment import (
     ColorAugSSD,
     Compose,
@@ -15,7 +16,6 @@ from mask2former.data.augment import (
     resize,
 )
 from mask2former.data.collate import collate
-from mask2former.data.preprocess import PIXEL_MEAN, PIXEL_STD
 
 RED, BLUE, GRAY = (250, 10, 10), (10, 10, 250), (128, 128, 128)
 

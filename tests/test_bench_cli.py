@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mask2former.cli import main
-from mask2former.speed import STAGES
+from mask2former.profiling import STAGES
 
 TINY = [
     "bench",

@@ -10,6 +10,7 @@ import torch
 from mask2former.modeling import deform_attn, deform_attn_fast
 from mask2former.modeling.deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
 from mask2former.modeling.deform_attn_fast import ms_deform_attn_fast
+from mask2former.modeling.kernels import use_kernels
 
 SHAPES = [(3, 5), (4, 2), (6, 7)]  # odd, non-square levels
 
@@ -137,8 +138,8 @@ def test_module_forward_and_backward_match_reference(monkeypatch):
     src, query, reference_points = torch.randn(2, tokens, 16), torch.randn(2, 9, 16), torch.rand(2, 9, 3, 2)
     fast = attn(query, reference_points, src, SHAPES)
     fast_grads = torch.autograd.grad(fast.square().sum(), list(attn.parameters()))
-    monkeypatch.setattr(deform_attn, "ms_deform_attn", ms_deform_attn_reference)
-    reference = attn(query, reference_points, src, SHAPES)
+    with use_kernels(deform_attn="reference"):
+        reference = attn(query, reference_points, src, SHAPES)
     reference_grads = torch.autograd.grad(reference.square().sum(), list(attn.parameters()))
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
     for got, expected in zip(fast_grads, reference_grads, strict=True):
@@ -160,8 +161,13 @@ def test_dispatch_takes_the_fast_path_in_eager_cpu_float(monkeypatch):
     ms_deform_attn(value, SHAPES, locations, weights)
     ms_deform_attn(value.double(), SHAPES, locations.double(), weights.double())
     ms_deform_attn(value.bfloat16(), SHAPES, locations.bfloat16(), weights.bfloat16())  # not float32/64
+    with use_kernels(deform_attn="gather"):
+        ms_deform_attn(value, SHAPES, locations, weights)
+    with use_kernels(deform_attn="reference"):
+        ms_deform_attn(value, SHAPES, locations, weights)
+    ms_deform_attn(value, SHAPES, locations, weights)  # the block ended: the default again
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     ms_deform_attn(value, SHAPES, locations, weights)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     ms_deform_attn(value, SHAPES, locations, weights)
-    assert calls == ["fast", "fast", "gather", "reference", "reference"]
+    assert calls == ["fast", "fast", "gather", "gather", "reference", "fast", "reference", "reference"]

@@ -150,7 +150,7 @@ def test_result_boxes_are_ignored_as_in_detectron2():
 
 
 def test_instance_results_and_merge_give_the_same_ap():
-    from mask2former.postprocess import InstanceResult
+    from mask2former.results import InstanceResult
 
     gt, results = ground_truth(), predictions(ground_truth())
     shard_a, shard_b = InstanceEvaluator(gt), InstanceEvaluator(gt)

@@ -293,7 +293,7 @@ def test_no_thing_category_gives_nan_things():
 
 
 def test_update_result_maps_contiguous_classes_to_category_ids():
-    from mask2former.postprocess import PanopticResult, PanopticSegment
+    from mask2former.results import PanopticResult, PanopticSegment
 
     pred, _, gt, gt_segments = two_segment_scene(slice(2, 7))
     result = PanopticResult(

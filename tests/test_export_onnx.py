@@ -20,11 +20,12 @@ from mask2former.config import ModelConfig, get_preset  # noqa: E402
 from mask2former.data.image_io import load_image  # noqa: E402
 from mask2former.export import onnx as export_module  # noqa: E402
 from mask2former.export.onnx import export_onnx, graph_config  # noqa: E402
-from mask2former.export.parity import panoptic_agreement, preprocess_for  # noqa: E402
+from mask2former.export.parity import panoptic_agreement  # noqa: E402
 from mask2former.export.runtime import ExportError, OnnxRunner, load_onnx_predictor, sidecar_path  # noqa: E402
+from mask2former.inference.predictor import Predictor, TorchRunner  # noqa: E402
+from mask2former.inference.preprocess import preprocess_for  # noqa: E402
 from mask2former.modeling.build import build_model  # noqa: E402
-from mask2former.postprocess import PanopticResult, PanopticSegment  # noqa: E402
-from mask2former.predictor import Predictor, TorchRunner  # noqa: E402
+from mask2former.results import PanopticResult, PanopticSegment  # noqa: E402
 
 TRACED = (96, 128)
 IMAGE = str(Path(__file__).parent / "data" / "chelsea.png")
@@ -159,7 +160,7 @@ def test_fp16_graph_is_half_and_close_to_fp32(half, model, config):
     assert pixel_decoder and all(dtypes[n] == onnx.TensorProto.FLOAT for n in pixel_decoder)
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # cast inside the graph
     assert sidecar["dtype"] == "float16"
-    item = preprocess_for(graph_config(config, TRACED, dynamic=True), load_image(IMAGE))
+    item = preprocess_for(graph_config(config, TRACED, dynamic=True).input, load_image(IMAGE))
     ours, ref = OnnxRunner(path)(item.tensor), _eager(model, item.tensor)
     # Random weights: every query predicts nearly the same mask and class, so panoptic and semantic labels
     # are decided by near-ties and their agreement says little; the logits themselves must stay close.

@@ -20,7 +20,7 @@ from mask2former.formats import (
     write_panoptic_json,
     write_semantic_png,
 )
-from mask2former.postprocess import InstanceResult, PanopticResult, PanopticSegment
+from mask2former.results import InstanceResult, PanopticResult, PanopticSegment
 
 
 def test_semantic_png_round_trip_uint8_with_category_ids(tmp_path):

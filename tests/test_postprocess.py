@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mask2former.postprocess import (
-    InstanceResult,
-    PanopticResult,
+from mask2former.inference.postprocess import (
+    ImageGeometry,
+    PostprocessSettings,
     instance_inference,
     panoptic_inference,
     postprocess,
@@ -17,6 +17,7 @@ from mask2former.postprocess import (
     semantic_inference,
     semantic_postprocess,
 )
+from mask2former.results import InstanceResult, PanopticResult
 
 BIG = 20.0  # a mask logit whose sigmoid is 1 to float32 precision
 
@@ -273,20 +274,15 @@ def test_postprocess_resizes_only_needed_queries_with_the_same_results():
     things = [True, False, True, False]
     full = resize_mask_logits(masks[1], *sizes.values())
 
-    pan = postprocess(
-        outputs,
-        1,
-        "panoptic",
-        thing_classes=things,
-        object_mask_threshold=0.5,
-        overlap_threshold=0.3,
-        **sizes,
-    )
+    geometry = ImageGeometry(**sizes)
+    settings = PostprocessSettings(tuple(things), object_mask_threshold=0.5, overlap_threshold=0.3)
+    pan = postprocess(outputs, 1, "panoptic", settings, geometry)
     ref = panoptic_inference(logits[1], full, things, object_mask_threshold=0.5, overlap_threshold=0.3)
     assert isinstance(pan, PanopticResult) and pan.segments == ref.segments and pan.segments
     np.testing.assert_array_equal(pan.id_map, ref.id_map)
 
-    inst = postprocess(outputs, 1, "instance", thing_classes=things, top_k=10, chunk_size=3, **sizes)
+    settings = PostprocessSettings(tuple(things), top_k=10, chunk_size=3)
+    inst = postprocess(outputs, 1, "instance", settings, geometry)
     ref = instance_inference(logits[1], full, thing_classes=things, top_k=10)
     assert isinstance(inst, InstanceResult) and len(inst.scores) > 0
     np.testing.assert_array_equal(inst.masks, ref.masks)
@@ -294,7 +290,7 @@ def test_postprocess_resizes_only_needed_queries_with_the_same_results():
     np.testing.assert_allclose(inst.scores, ref.scores, rtol=1e-6)
     np.testing.assert_array_equal(inst.boxes, ref.boxes)
 
-    sem = postprocess(outputs, 1, "semantic", **sizes)
+    sem = postprocess(outputs, 1, "semantic", PostprocessSettings(), geometry)
     assert sem.class_map.shape == (40, 53)
 
 
@@ -303,6 +299,6 @@ def test_bad_arguments_name_the_argument():
         panoptic_inference(torch.zeros(2, 4), torch.zeros(2, 3, 3), [True])
     with pytest.raises(ValueError, match="task"):
         outputs = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": torch.zeros(1, 2, 4, 4)}
-        postprocess(outputs, task="depth")
+        postprocess(outputs, 0, "depth", PostprocessSettings())
     with pytest.raises(ValueError, match="mask_logits"):
         semantic_inference(torch.zeros(2, 4), torch.zeros(3, 3, 3))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mask2former.data.image_io import load_image
-from mask2former.data.preprocess import (
+from mask2former.inference.preprocess import (
     PIXEL_MEAN,
     PIXEL_STD,
     pad_batch,

@@ -17,23 +17,25 @@ import torch.nn.functional as F
 import mask2former
 from mask2former.config import get_preset
 from mask2former.data.image_io import load_image
-from mask2former.data.preprocess import pad_batch
-from mask2former.modeling import deform_attn
-from mask2former.modeling.layers import Conv2d, FrozenBatchNorm2d
-from mask2former.postprocess import _panoptic_keep, postprocess, resize_mask_logits
-from mask2former.predictor import Predictor, TorchRunner
-from mask2former.speed import (
+from mask2former.inference.optimize import (
     OneDNNConv2d,
     OneDNNLinear,
-    PeakMemory,
-    allocator,
     has_frozen_batchnorm,
-    matmul_peak_gflops,
     onednn_available,
     optimize_for_inference,
-    plain_kernels,
-    set_allocator,
 )
+from mask2former.inference.postprocess import (
+    PostprocessSettings,
+    _panoptic_keep,
+    postprocess,
+    resize_mask_logits,
+)
+from mask2former.inference.predictor import Predictor, TorchRunner
+from mask2former.inference.preprocess import pad_batch
+from mask2former.modeling import deform_attn
+from mask2former.modeling.kernels import use_kernels
+from mask2former.modeling.layers import Conv2d, FrozenBatchNorm2d
+from mask2former.profiling import PeakMemory, allocator, matmul_peak_gflops, set_allocator
 
 DATA = Path(__file__).parent / "data"
 
@@ -72,11 +74,10 @@ def images(batch: int = 1, height: int = 96, width: int = 128, seed: int = 0) ->
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_outputs(model: torch.nn.Module, x: torch.Tensor, monkeypatch) -> dict:
+def reference_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict:
     """The reference path: grid_sample deformable attention, FrozenBN unfolded, intermediate masks at full
     resolution (aux outputs computed, then dropped)."""
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(deform_attn, "ms_deform_attn", deform_attn.ms_deform_attn_reference)
+    with use_kernels(deform_attn="reference"), torch.no_grad():
         outputs = model(x, return_aux=True)
     return {key: outputs[key] for key in ("pred_logits", "pred_masks")}
 
@@ -95,15 +96,31 @@ def test_optimize_for_inference_folds_frozen_batchnorm_and_keeps_outputs():
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-4)
 
 
-def test_torch_runner_applies_the_inference_optimisations():
-    runner = TorchRunner(tiny_model())
-    assert not has_frozen_batchnorm(runner.model)
+def test_torch_runner_optimises_a_private_copy_and_leaves_the_model_alone():
+    model = tiny_model()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    runner = TorchRunner(model)
+    x = images()
+    got = runner(x)
+    assert runner.model is model and has_frozen_batchnorm(model)
+    assert not has_frozen_batchnorm(runner.inference_model())
+    assert list(model.state_dict()) == list(state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(type(m) in (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear)
+               for m in model.modules() if isinstance(m, torch.nn.Linear))  # fmt: skip
+    # Editing the caller's model in place is seen: the private copy is rebuilt from it.
+    with torch.no_grad():
+        model.sem_seg_head.predictor.class_embed.bias.add_(1.0)
+        expected = model(x, return_aux=False)
+    torch.testing.assert_close(runner(x)["pred_logits"], expected["pred_logits"], rtol=0, atol=1e-4)
+    assert not torch.allclose(runner(x)["pred_logits"], got["pred_logits"])
 
 
-def test_fast_path_equals_reference_path_whole_model(monkeypatch):
+def test_fast_path_equals_reference_path_whole_model():
     model = tiny_model()
     x = images(batch=2)
-    expected = reference_outputs(copy.deepcopy(model), x, monkeypatch)
+    expected = reference_outputs(copy.deepcopy(model), x)
     with torch.no_grad():
         got = optimize_for_inference(model)(x)
     assert set(got) == {"pred_logits", "pred_masks"}  # no aux outputs at inference
@@ -112,9 +129,11 @@ def test_fast_path_equals_reference_path_whole_model(monkeypatch):
     config = tiny_config()
     for index in range(2):
         for task in ("semantic", "panoptic"):
-            kwargs = dict(batch_index=index, task=task, thing_classes=config.thing_classes,
-                          object_mask_threshold=0.0)  # fmt: skip
-            fast, reference = postprocess(got, **kwargs), postprocess(expected, **kwargs)
+            settings = PostprocessSettings(tuple(config.thing_classes), object_mask_threshold=0.0)
+            fast, reference = (
+                postprocess(got, index, task, settings),
+                postprocess(expected, index, task, settings),
+            )
             if task == "semantic":
                 np.testing.assert_array_equal(fast.class_map, reference.class_map)
             else:
@@ -229,7 +248,8 @@ def test_batch_with_more_padding_equals_one_image_padded_like_the_batch():
         alone = predictor.runner(batch[index : index + 1])  # this image alone, padded like the batch
         for key in ("pred_logits", "pred_masks"):
             torch.testing.assert_close(together[key][index : index + 1], alone[key], rtol=0, atol=1e-4)
-        single = predictor._postprocess(alone, 0, padded_size, item, "panoptic")
+        settings = PostprocessSettings.from_config(predictor.config, "panoptic")
+        single = postprocess(alone, 0, "panoptic", settings, item.geometry(padded_size))
         margin = decision_margin(alone, 0, padded_size, item, predictor.config)
         assert_same_result(batched[index].result, single, margin)
 
@@ -296,7 +316,7 @@ def test_onednn_modules_keep_parameters_and_results():
         net[4].weight.mul_(2)
         net[0].load_state_dict({"weight": net[0].weight * 0.5, "bias": net[0].bias})
         reference = copy.deepcopy(net)
-        with plain_kernels():
+        with use_kernels(onednn=False):
             expected = reference(x)
         torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(copy.deepcopy(net)(x), expected, rtol=0, atol=1e-5)

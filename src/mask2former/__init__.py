@@ -16,7 +16,7 @@ _LAZY = {
     "presets": "mask2former.api",
     "ModelConfig": "mask2former.config",
     "get_preset": "mask2former.config",
-    "Predictor": "mask2former.predictor",
+    "Predictor": "mask2former.inference.predictor",
 }
 
 __all__ = [*_LAZY, "__version__"]

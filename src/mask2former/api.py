@@ -1,15 +1,20 @@
-"""Public entry points: build a model from a preset, load weights from any supported format."""
+"""Public entry points: build a model from a preset, and the one loader every command uses.
+
+`resolve_model(weights, preset)` is the single place that turns what a user names (nothing, a preset, a
+checkpoint in any format) into a model and its config; `load_model` and `load` (a Predictor) stand on it,
+and so do the predict / eval / export / bench / convert / train commands.
+"""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mask2former.checkpoints.io import is_our_format, load_state_dict_strict, read_checkpoint
 from mask2former.config import PRESETS, ModelConfig, get_preset
-from mask2former.predictor import Predictor, TorchRunner
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "synth-tiny"
 BUNDLED_PRESET = "synth-tiny"
@@ -34,19 +39,51 @@ def has_bundled_model() -> bool:
     return is_our_format(BUNDLED_DIR)
 
 
-def load_model(
-    path: str | Path | None = None, preset: str | None = None
-) -> tuple[torch.nn.Module, ModelConfig]:
-    """(model in eval mode, config) from a checkpoint in any supported format.
+@dataclass
+class LoadedModel:
+    """A model (eval mode) with its config, where it came from and whether its weights were trained."""
 
-    path None -> the bundled model. Formats: our folder (model.safetensors + config.json), official
-    detectron2 .pkl/.pth, Hugging Face folder; `preset` names the architecture where it cannot be inferred.
+    model: torch.nn.Module
+    config: ModelConfig
+    source: str
+    trained: bool
+
+
+def is_onnx(weights: str | Path | None) -> bool:
+    return weights is not None and str(weights).endswith(".onnx")
+
+
+def resolve_model(weights: str | Path | None = None, preset: str | None = None) -> LoadedModel:
+    """The model for `weights` / `preset`, as every command and `load` understand them.
+
+    - weights None, preset None: the bundled model (a seed-0 random synth-tiny, trained False, when the
+      install has no trained bundled model);
+    - weights None, preset P: preset P with random weights (seed 0), trained False;
+    - weights a checkpoint: our folder (model.safetensors + config.json), an official detectron2 .pkl/.pth,
+      or a Hugging Face folder; `preset` names the architecture where it cannot be inferred.
+    Raises FileNotFoundError / CheckpointError / ValueError with one-line messages naming the file.
     """
+    if is_onnx(weights):
+        raise ValueError(f"weights {weights}: an ONNX graph is not a PyTorch model (load it with `load`)")
+    if weights is None:
+        if preset is not None:
+            source = f"preset {preset} (random init, seed 0)"
+            return LoadedModel(build(preset, seed=0), get_preset(preset), source, False)
+        if not has_bundled_model():
+            source = f"random init {BUNDLED_PRESET} (seed 0): no trained bundled model in this install"
+            return LoadedModel(build(BUNDLED_PRESET, seed=0), get_preset(BUNDLED_PRESET), source, False)
+        model, config = _read_model(BUNDLED_DIR, None)
+        return LoadedModel(model, config, f"bundled model ({BUNDLED_DIR})", True)
+    path = Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(f"weights {weights}: no such file or folder")
+    model, config = _read_model(path, preset)
+    return LoadedModel(model, config, str(weights), True)
+
+
+def _read_model(path: Path, preset: str | None) -> tuple[torch.nn.Module, ModelConfig]:
     from mask2former.modeling.build import build_model
 
-    if path is None:
-        path = BUNDLED_DIR
-    path = Path(path)
     if is_our_format(path):
         config, state_dict = read_checkpoint(path)
     else:
@@ -58,25 +95,27 @@ def load_model(
     return model.eval(), config
 
 
-def load(path: str | Path | None = None, preset: str | None = None, device: str = "cpu") -> Predictor:
-    """A Predictor for a checkpoint (any format), or the bundled model when `path` is None.
+def load_model(
+    path: str | Path | None = None, preset: str | None = None
+) -> tuple[torch.nn.Module, ModelConfig]:
+    """(model in eval mode, config) for a checkpoint in any supported format (see `resolve_model`)."""
+    loaded = resolve_model(path, preset)
+    return loaded.model, loaded.config
 
-    Before the bundled model is trained, `load()` returns a randomly initialised synth-tiny model with
-    `trained == False` and a warning.
-    """
-    if path is None and not has_bundled_model():
-        warnings.warn(
-            "no trained bundled model in this install: using a randomly initialised synth-tiny model",
-            stacklevel=2,
-        )
-        config = get_preset(BUNDLED_PRESET)
-        return Predictor(
-            TorchRunner(build(config, seed=0), device), config, source="random init", trained=False
-        )
-    if path is not None and str(path).endswith(".onnx"):
+
+def load(path: str | Path | None = None, preset: str | None = None, device: str = "cpu"):
+    """A Predictor for a checkpoint (any format, or an exported .onnx graph), a preset with random weights,
+    or the bundled model when both are None (see `resolve_model`). `predictor.trained` says whether the
+    weights were trained; the predictor never changes `predictor.model`, which keeps the checkpoint's keys."""
+    from mask2former.inference.predictor import Predictor, TorchRunner
+
+    if is_onnx(path):
         from mask2former.export.runtime import load_onnx_predictor
 
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"weights {path}: no such file")
         return load_onnx_predictor(path)
-    model, config = load_model(path, preset)
-    source = str(path) if path is not None else f"bundled model ({BUNDLED_DIR})"
-    return Predictor(TorchRunner(model, device), config, source=source, trained=True)
+    loaded = resolve_model(path, preset)
+    if path is None and preset is None and not loaded.trained:
+        warnings.warn(f"{loaded.source}: results are meaningless", stacklevel=2)
+    return Predictor(TorchRunner(loaded.model, device), loaded.config, loaded.source, loaded.trained)

@@ -12,6 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# ImageNet statistics on RGB 0..255, the official PIXEL_MEAN / PIXEL_STD of every preset.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
 
 @dataclass
 class BackboneConfig:

@@ -24,7 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from mask2former import rle
-from mask2former.postprocess import InstanceResult, PanopticResult
+from mask2former.results import InstanceResult, PanopticResult
 
 PathLike = str | os.PathLike
 

@@ -14,7 +14,7 @@ from mask2former.formats import (
     write_panoptic_json,
     write_semantic_png,
 )
-from mask2former.predictor import Prediction
+from mask2former.inference.predictor import Prediction
 from mask2former.visualize import draw_instances, draw_panoptic, draw_semantic, save_image
 
 

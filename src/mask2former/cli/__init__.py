@@ -19,6 +19,16 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
 
 
+def flag_error(error: Exception, parameters: tuple[str, ...] = ("weights", "preset", "size", "opset", "out")):
+    """A library error as a one-line UserError naming the flag: library messages start with the name of the
+    parameter at fault ("weights X: no such file"), which the CLI spells as its flag ("--weights X: ...")."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    for name in parameters:
+        if message.startswith((name + " ", name + ":")):
+            return UserError("--" + name.replace("_", "-") + message[len(name) :])
+    return UserError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mask2former", description="Mask2Former in pure PyTorch.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -63,23 +63,21 @@ def parse_size(text: str, divisor: int) -> tuple[int, int]:
 
 
 def load(args: argparse.Namespace):
-    """(model in eval mode, config) for --preset / --weights, optimised unless --reference."""
-    import mask2former
+    """(model in eval mode, config) for --preset / --weights, optimised unless --reference.
+
+    The bench loads its own model, so it may optimise it in place (no copy to keep)."""
+    from mask2former.api import resolve_model
     from mask2former.checkpoints.io import CheckpointError
-    from mask2former.speed import optimize_for_inference
+    from mask2former.inference.optimize import optimize_for_inference
 
     try:
-        if args.weights is None:
-            config = mask2former.get_preset(args.preset)
-            model = mask2former.build(config, seed=0)
-        else:
-            model, config = mask2former.load_model(args.weights, preset=args.preset)
+        loaded = resolve_model(args.weights, args.preset)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
-        raise UserError(str(error)) from None
+        raise UserError(str(error).replace("weights ", "--weights ", 1)) from None
     # No parameter needs a gradient here, and FlopCounterMode's module tracker fails under inference mode
     # on parameters that require one.
-    model.requires_grad_(False)
-    return (model.eval() if args.reference else optimize_for_inference(model)), config
+    model = loaded.model.requires_grad_(False)
+    return (model.eval() if args.reference else optimize_for_inference(model)), loaded.config
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -88,14 +86,13 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mask2former.speed import (
+    from mask2former.modeling.kernels import use_kernels
+    from mask2former.profiling import (
         STAGES,
         PeakMemory,
         allocator,
         matmul_peak_gflops,
         onednn_matmul_peak_gflops,
-        plain_kernels,
-        reference_path,
         run_stages,
     )
 
@@ -113,7 +110,7 @@ def measure(args: argparse.Namespace) -> dict:
     model, config = load(args)
     height, width = parse_size(args.size, config.input.size_divisibility or 1)
     images = torch.randn(args.batch, 3, height, width, generator=torch.Generator().manual_seed(0))
-    path = reference_path() if args.reference else contextlib.nullcontext()
+    path = use_kernels(deform_attn="reference") if args.reference else contextlib.nullcontext()
 
     def once(stage_context=lambda name: contextlib.nullcontext()) -> None:
         run_stages(model, images, config, stage_context, full_resolution_masks=args.reference)
@@ -151,7 +148,7 @@ def measure(args: argparse.Namespace) -> dict:
                 once()
             for _ in range(args.runs):
                 once(timed)
-        with plain_kernels():  # FlopCounterMode has no formulas for oneDNN's kernels
+        with use_kernels(onednn=False):  # FlopCounterMode has no formulas for oneDNN's kernels
             once(counted)
         with allocator("release") as freed, PeakMemory() as whole:
             once(probed)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mask2former.cli import UserError
-from mask2former.cli.predict import add_scale_arguments
+from mask2former.cli.predict import add_scale_arguments, apply_scale_arguments
 
 _FILE_ARGUMENTS = {
     "panoptic": ("pred_json", "pred_dir", "gt_json", "gt_dir"),
@@ -88,55 +88,6 @@ def evaluate_files(args: argparse.Namespace) -> dict:
         if "pycocotools" not in str(error):
             raise
         raise UserError(str(error)) from None
-
-
-def evaluate_model(
-    weights: str | None,
-    data: str | None,
-    task: str,
-    preset: str | None = None,
-    device: str = "cpu",
-    limit: int | None = None,
-    progress: bool = True,
-    short_edge: int | None = None,
-    max_size: int | None = None,
-) -> dict:
-    """Run a model over a dataset and score it; returns the same dict as the file evaluation.
-
-    Under torchrun the images are sharded over the processes and the statistics merged on rank 0, which
-    returns the metrics; the other ranks return None. weights None = the bundled model.
-    """
-    from mask2former.cli.predict import apply_scale_arguments, make_predictor
-    from mask2former.data.datasets import DatasetError, open_dataset
-    from mask2former.evaluation import EvaluationError
-    from mask2former.evaluation.model import evaluate_predictor
-    from mask2former.training import distributed
-
-    if data is None:
-        raise UserError("--data DIR is needed to evaluate a model (or give prediction files)")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be at least 1")
-    try:
-        dataset = open_dataset(data, task="semantic" if task == "semantic" else None)
-    except (DatasetError, FileNotFoundError, ValueError) as error:
-        raise UserError(f"--data {data}: {error}") from None
-    predictor = make_predictor(weights, preset, device)
-    apply_scale_arguments(predictor, short_edge, max_size)
-    rank, world_size = distributed.init_from_environment(device)
-    if rank == 0:
-        state = "trained" if predictor.trained else "RANDOMLY INITIALISED"
-        inp = predictor.config.input
-        scale = (
-            f"short edge {inp.short_edge}" if inp.mode == "official" else "x".join(map(str, inp.size or ()))
-        )
-        print(f"evaluating {predictor.config.name} ({state}, {predictor.source}, {scale}) on {data} ({task})")
-    try:
-        metrics = evaluate_predictor(predictor, dataset, task, limit, rank, world_size, progress)
-    except EvaluationError as error:
-        raise UserError(str(error)) from None
-    finally:
-        distributed.cleanup()
-    return metrics
 
 
 def _number(value: Any) -> str:
@@ -208,6 +159,37 @@ def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
     return target
 
 
+def _evaluate_model(args: argparse.Namespace) -> dict | None:
+    """`evaluation.model.evaluate_model` for --weights/--data, its errors as one line naming the flag."""
+    from mask2former.cli import flag_error
+    from mask2former.cli.predict import make_predictor
+    from mask2former.evaluation import EvaluationError
+    from mask2former.evaluation.model import evaluate_model, open_evaluation_dataset
+
+    if args.data is None:
+        raise UserError("--data DIR is needed to evaluate a model (or give prediction files)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be at least 1")
+    try:
+        dataset = open_evaluation_dataset(args.data, args.task)
+    except ValueError as error:
+        raise flag_error(error, ("data",)) from None
+    predictor = make_predictor(args.weights, args.preset, args.device)
+    apply_scale_arguments(predictor, args.short_edge, args.max_size)
+    try:
+        return evaluate_model(
+            predictor,
+            dataset,
+            args.task,
+            args.limit,
+            progress=not args.no_progress,
+            device=args.device,
+            name=args.data,
+        )
+    except (EvaluationError, FileNotFoundError, ValueError) as error:
+        raise flag_error(error, ("data", "limit")) from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.weights is not None or args.data is not None:
         given = [
@@ -218,17 +200,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         if given:
             raise UserError("give either prediction files or --weights/--data, not both")
-        metrics = evaluate_model(
-            args.weights,
-            args.data,
-            args.task,
-            args.preset,
-            args.device,
-            args.limit,
-            progress=not args.no_progress,
-            short_edge=args.short_edge,
-            max_size=args.max_size,
-        )
+        metrics = _evaluate_model(args)
     else:
         if args.short_edge is not None or args.max_size is not None:
             raise UserError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from mask2former.cli import UserError
+from mask2former.cli import UserError, flag_error
 from mask2former.cli.ops import parse_size
 
 FORMATS = ("onnx",)
@@ -47,26 +47,13 @@ def register(subparsers) -> None:
 
 def load_for_export(weights: str | None, preset: str | None):
     """(model, config, trained, source description) for --weights / --preset (one-line errors)."""
-    from pathlib import Path
-
-    import mask2former
-    from mask2former.api import BUNDLED_PRESET, has_bundled_model, load_model
-    from mask2former.checkpoints.io import CheckpointError
+    from mask2former.api import resolve_model
 
     try:
-        if weights is None and preset is not None:
-            config = mask2former.get_preset(preset)
-            return mask2former.build(config, seed=0), config, False, f"preset {preset} (random init, seed 0)"
-        if weights is None and not has_bundled_model():
-            config = mask2former.get_preset(BUNDLED_PRESET)
-            source = f"random init {BUNDLED_PRESET} (seed 0): no trained bundled model in this install"
-            return mask2former.build(config, seed=0), config, False, source
-        if weights is not None and not Path(weights).exists():
-            raise UserError(f"--weights {weights}: no such file or folder")
-        model, config = load_model(weights, preset)
-        return model, config, True, str(weights) if weights else "bundled model"
-    except (CheckpointError, ValueError) as error:
-        raise UserError(str(error).splitlines()[0]) from None
+        loaded = resolve_model(weights, preset)
+    except (ValueError, FileNotFoundError) as error:
+        raise flag_error(error) from None
+    return loaded.model, loaded.config, loaded.trained, loaded.source
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         elif not MIN_OPSET <= args.opset <= MAX_OPSET:
             check_options((32, 32), args.opset)
     except ExportError as error:
-        raise UserError(str(error)) from None
+        raise flag_error(error) from None
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"--image {args.image}: no such file")
     model, config, trained, source = load_for_export(args.weights, args.preset)
@@ -122,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     except ExportError as error:
-        raise UserError(str(error)) from None
+        raise flag_error(error) from None
     counts = sidecar["op_counts"]
     print(
         f"wrote {args.out} ({sum(counts.values())} nodes, {counts.get('GridSample', 0)} GridSample) "

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         doubles = float64_locations(model)
         forbidden = forbidden_ops(model)
     except ExportError as error:
-        raise UserError(str(error)) from None
+        raise UserError(str(error).replace("give a size (H, W)", "pass --size HxW")) from None
     if args.json:
         report = inventory.to_dict()
         report.update(model=str(args.model), float64=doubles, forbidden_ops=forbidden)

@@ -79,29 +79,23 @@ def apply_scale_arguments(predictor, short_edge: int | None, max_size: int | Non
 
 
 def make_predictor(weights: str | None, preset: str | None, device: str = "cpu", backend: str | None = None):
-    """The Predictor for --weights/--preset/--backend, with one-line errors for bad arguments."""
+    """The Predictor for --weights/--preset/--backend (`mask2former.load`), with one-line errors."""
     import warnings
 
     import mask2former
-    from mask2former.checkpoints.io import CheckpointError
-    from mask2former.predictor import Predictor, TorchRunner
+    from mask2former.api import is_onnx
+    from mask2former.cli import flag_error
 
-    if backend == "onnxruntime" and (weights is None or not str(weights).endswith(".onnx")):
+    if backend == "onnxruntime" and not is_onnx(weights):
         raise UserError("--backend onnxruntime needs --weights MODEL.onnx (see `mask2former export`)")
-    if backend == "torch" and weights is not None and str(weights).endswith(".onnx"):
+    if backend == "torch" and is_onnx(weights):
         raise UserError(f"--weights {weights}: an ONNX graph runs with --backend onnxruntime")
     try:
-        if weights is None and preset is not None:
-            config = mask2former.get_preset(preset)
-            model = mask2former.build(config, seed=0)
-            return Predictor(TorchRunner(model, device), config, source=f"preset {preset}", trained=False)
-        if weights is not None and not Path(weights).exists():
-            raise UserError(f"--weights {weights}: no such file or folder")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return mask2former.load(weights, preset=preset, device=device)
-    except (CheckpointError, ValueError) as error:
-        raise UserError(str(error)) from None
+    except (ValueError, FileNotFoundError) as error:
+        raise flag_error(error) from None
 
 
 def describe(predictor) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mask2former.data.preprocess import PIXEL_MEAN, PIXEL_STD
+from mask2former.config import PIXEL_MEAN, PIXEL_STD
 
 
 def _round_up(value: int, multiple: int) -> int:

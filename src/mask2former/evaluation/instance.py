@@ -21,7 +21,7 @@ from mask2former import rle
 from mask2former.evaluation import EvaluationError
 
 if TYPE_CHECKING:
-    from mask2former.postprocess import InstanceResult
+    from mask2former.results import InstanceResult
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 

@@ -6,6 +6,7 @@ TP/FP/FN/IoU sums, instance results) are gathered on rank 0 and merged, so the n
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -142,3 +143,52 @@ def evaluate_predictor(
     if task == "instance":
         return evaluator.compute(image_ids=list(range(total)))
     return evaluator.compute()
+
+
+def open_evaluation_dataset(data: str, task: str):
+    """The dataset folder `data` opened for scoring `task` (ValueError naming `data` if it is none)."""
+    from mask2former.data.datasets import DatasetError, open_dataset
+
+    try:
+        return open_dataset(data, task="semantic" if task == "semantic" else None)
+    except (DatasetError, FileNotFoundError, ValueError) as error:
+        raise ValueError(f"data {data}: {error}") from None
+
+
+def evaluate_model(
+    predictor,
+    data,
+    task: str,
+    limit: int | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+    log=print,
+    name: str | None = None,
+) -> dict | None:
+    """Run `predictor` (a `mask2former.load(...)` Predictor) over `data` (a dataset folder, or one opened by
+    `open_evaluation_dataset`, then `name` says what it is in the log line) and score it for `task`;
+    returns the same dict as the file evaluation.
+
+    Under torchrun the images are sharded over the processes and the statistics merged on rank 0, which
+    returns the metrics; the other ranks return None. Errors (ValueError / EvaluationError) name `data`.
+    """
+    from mask2former.training import distributed
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit {limit}: must be at least 1")
+    if isinstance(data, (str, os.PathLike)):
+        dataset, name = open_evaluation_dataset(data, task), name or str(data)
+    else:
+        dataset, name = data, name or type(data).__name__
+    rank, world_size = distributed.init_from_environment(device)
+    if rank == 0:
+        state = "trained" if predictor.trained else "RANDOMLY INITIALISED"
+        inp = predictor.config.input
+        scale = (
+            f"short edge {inp.short_edge}" if inp.mode == "official" else "x".join(map(str, inp.size or ()))
+        )
+        log(f"evaluating {predictor.config.name} ({state}, {predictor.source}, {scale}) on {name} ({task})")
+    try:
+        return evaluate_predictor(predictor, dataset, task, limit, rank, world_size, progress)
+    finally:
+        distributed.cleanup()

@@ -25,7 +25,7 @@ import numpy as np
 from mask2former.evaluation import EvaluationError
 
 if TYPE_CHECKING:
-    from mask2former.postprocess import PanopticResult
+    from mask2former.results import PanopticResult
 
 
 def _field(segment: Any, key: str, default: Any = None) -> Any:

@@ -70,15 +70,15 @@ def check_options(size: tuple[int, int], opset: int, size_divisibility: int = 32
     """One-line ExportError for a size or opset the export cannot honour."""
     height, width = size
     if height < size_divisibility or width < size_divisibility:
-        raise ExportError(f"--size {height}x{width}: each side must be at least {size_divisibility}")
+        raise ExportError(f"size {height}x{width}: each side must be at least {size_divisibility}")
     if height % size_divisibility or width % size_divisibility:
         raise ExportError(
-            f"--size {height}x{width}: height and width must be multiples of {size_divisibility} "
+            f"size {height}x{width}: height and width must be multiples of {size_divisibility} "
             f"(the model's padding), e.g. {-(-height // size_divisibility) * size_divisibility}x"
             f"{-(-width // size_divisibility) * size_divisibility}"
         )
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"--opset {opset}: supported opsets are {MIN_OPSET}..{MAX_OPSET}")
+        raise ExportError(f"opset {opset}: supported opsets are {MIN_OPSET}..{MAX_OPSET}")
 
 
 def graph_config(config: ModelConfig, size: tuple[int, int], dynamic: bool) -> ModelConfig:
@@ -206,9 +206,9 @@ def export_onnx(
     size = (int(size[0]), int(size[1]))
     check_options(size, opset, config.input.size_divisibility)
     if out.suffix != ".onnx":
-        raise ExportError(f"--out {out}: the file name must end in .onnx")
+        raise ExportError(f"out {out}: the file name must end in .onnx")
     if not out.parent.is_dir():
-        raise ExportError(f"--out {out}: folder {out.parent} does not exist")
+        raise ExportError(f"out {out}: folder {out.parent} does not exist")
     eager = copy.deepcopy(model).cpu().eval().float()
     tmp = out.with_name(out.name + ".tmp")
     try:

@@ -197,7 +197,7 @@ def op_inventory(model, size: tuple[int, int] | None = None, batch: int = 1) -> 
     if size is not None:
         model = fix_input_shape(model, size[0], size[1], batch)
     elif not all(isinstance(d, int) for d in input_shape):
-        raise ExportError(f"the graph's input shape {input_shape} is dynamic: pass --size HxW for MACs")
+        raise ExportError(f"the graph's input shape {input_shape} is dynamic: give a size (H, W) for MACs")
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = _known_shapes(inferred)
     mac_nodes = [node for node in inferred.graph.node if node.op_type in MAC_OPS]

@@ -16,25 +16,12 @@ import torch
 
 from mask2former.config import ModelConfig
 from mask2former.data.image_io import load_image
-from mask2former.data.preprocess import PreprocessedImage, preprocess
-from mask2former.postprocess import PanopticResult, postprocess
+from mask2former.inference.postprocess import PostprocessSettings, postprocess
+from mask2former.inference.preprocess import preprocess_for
+from mask2former.results import PanopticResult
 
 Runner = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "example.jpg"
-
-
-def preprocess_for(config: ModelConfig, image: np.ndarray) -> PreprocessedImage:
-    """`image` pre-processed as a Predictor with `config` does it (deploy or official mode)."""
-    cfg = config.input
-    if cfg.mode == "deploy":
-        return preprocess(image, mode="deploy", size=tuple(cfg.size))
-    return preprocess(
-        image,
-        mode="official",
-        short_edge=cfg.short_edge,
-        max_size=cfg.max_size,
-        size_divisibility=cfg.size_divisibility,
-    )
 
 
 def panoptic_agreement(reference: PanopticResult, candidate: PanopticResult) -> float:
@@ -69,23 +56,6 @@ def _category_map(result: PanopticResult) -> np.ndarray:
     return lookup[result.id_map.astype(np.int64)]
 
 
-def _postprocess(outputs: dict[str, torch.Tensor], config: ModelConfig, item: PreprocessedImage, task: str):
-    """The Predictor's post-processing of image 0 (same thresholds and thing/stuff handling)."""
-    return postprocess(
-        outputs,
-        batch_index=0,
-        task=task,
-        padded_size=tuple(item.tensor.shape[-2:]),
-        image_size=tuple(item.image_size),
-        original_size=tuple(item.original_size),
-        thing_classes=config.thing_classes,
-        object_mask_threshold=config.object_mask_threshold,
-        overlap_threshold=config.overlap_threshold,
-        top_k=config.test_topk,
-        semantic_before_inference=config.task != "semantic",
-    )
-
-
 def compare_outputs(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor]) -> dict:
     """Max and mean absolute differences of logits and masks (float32), plus the shapes compared."""
     report = {}
@@ -111,7 +81,7 @@ def parity_report(
     """
     source = image if image is not None else EXAMPLE_IMAGE
     rgb = load_image(source) if not isinstance(source, np.ndarray) else source
-    item = preprocess_for(config, rgb)
+    item = preprocess_for(config.input, rgb)
     with torch.inference_mode():
         reference = {k: v.float() for k, v in eager(item.tensor).items()}
     candidate = graph(item.tensor)
@@ -122,8 +92,9 @@ def parity_report(
     for task in ("panoptic", "semantic"):
         if task == "panoptic" and not config.thing_classes:
             continue
-        ref_result = _postprocess(reference, config, item, task)
-        cand_result = _postprocess(candidate, config, item, task)
+        settings = PostprocessSettings.from_config(config, task)
+        ref_result = postprocess(reference, 0, task, settings, item.geometry())
+        cand_result = postprocess(candidate, 0, task, settings, item.geometry())
         if task == "panoptic":
             agreement[task] = panoptic_agreement(ref_result, cand_result)
             report["panoptic_segments"] = [len(ref_result.segments), len(cand_result.segments)]

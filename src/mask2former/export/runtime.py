@@ -146,7 +146,7 @@ def load_onnx_predictor(path: str | Path, threads: int = DEFAULT_THREADS):
 
     The pre- and post-processing are the eager Predictor's own, so both backends write the same files.
     """
-    from mask2former.predictor import Predictor
+    from mask2former.inference.predictor import Predictor
 
     path = Path(path)
     if not path.is_file():

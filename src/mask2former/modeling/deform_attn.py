@@ -11,9 +11,10 @@ attention-weighted sum of the bilinearly interpolated values (zero padding, alig
   (Lq, L*P*4, D) samples.
 - `deform_attn_fast.ms_deform_attn_fast`: the same gathers with an analytic backward, for eager CPU
   float32/float64 (training and inference).
-- `ms_deform_attn`: what MSDeformAttn calls. It takes `ms_deform_attn_fast` in eager CPU float32/float64,
-  `ms_deform_attn_gather` for other dtypes and devices, and the reference while tracing or exporting,
-  because GridSample is one native ONNX op per level while embedding_bag has no ONNX counterpart.
+- `ms_deform_attn`: what MSDeformAttn calls. By default it takes `ms_deform_attn_fast` in eager CPU
+  float32/float64, `ms_deform_attn_gather` for other dtypes (bf16/fp16) and devices, and the reference while
+  tracing or exporting, because GridSample is one native ONNX op per level while embedding_bag has no ONNX
+  counterpart. `modeling.kernels.use_kernels(deform_attn=...)` overrides the choice.
 
 Spatial shapes are python ints (SymInts or traced sizes when exporting), never a tensor, and are only used
 in arithmetic, so a dynamic-shape export computes every level size in-graph.
@@ -27,6 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mask2former.modeling.kernels import current_kernels
 
 SpatialShapes = Sequence[tuple[int, int]]
 
@@ -164,15 +167,17 @@ def ms_deform_attn(
     value (B, S, M, D), sampling_locations (B, Lq, M, L, P, 2), attention_weights (B, Lq, M, L, P)
     -> (B, Lq, M * D).
     """
+    kernel = current_kernels().deform_attn
     # torch.compile traces the reference too: one grid_sample per level instead of python-level chunk loops.
-    if _exporting() or torch.compiler.is_compiling():
+    if kernel == "reference" or _exporting() or torch.compiler.is_compiling():
         return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
     # Imported here so this module's header stays independent of the fast path's module.
     from mask2former.modeling import deform_attn_fast
 
     # Eager CPU float32/float64: corner gathers with an analytic backward (~5x the reference forward+backward,
     # bench/bench_deform_attn.py). Other dtypes and devices keep the gather path.
-    if value.device.type == "cpu" and value.dtype in deform_attn_fast.SUPPORTED_DTYPES:
+    fast_applies = value.device.type == "cpu" and value.dtype in deform_attn_fast.SUPPORTED_DTYPES
+    if kernel != "gather" and fast_applies:
         fast = deform_attn_fast.ms_deform_attn_fast
         return fast(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)

@@ -38,7 +38,7 @@ class Mask2Former(nn.Module):
 
     `backbone` returns {"res2".."res5"} at strides 4..32 and has `out_channels: dict[str, int]`.
     Inputs must already be normalised and padded to a multiple of `size_divisibility` (zeros after
-    normalisation), e.g. by `mask2former.data.preprocess.pad_batch`.
+    normalisation), e.g. by `mask2former.inference.preprocess.pad_batch`.
     """
 
     def __init__(
@@ -74,5 +74,5 @@ class Mask2Former(nn.Module):
         if height % self.size_divisibility or width % self.size_divisibility:
             raise ValueError(
                 f"images of size {height}x{width} are not padded to a multiple of {self.size_divisibility}: "
-                "pad them first (mask2former.data.preprocess.pad_batch)"
+                "pad them first (mask2former.inference.preprocess.pad_batch)"
             )

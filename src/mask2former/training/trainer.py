@@ -375,4 +375,6 @@ class Trainer:
 
 def check_finite(value: float, step: int) -> None:
     if not math.isfinite(value):
-        raise FloatingPointError(f"loss became {value} at step {step}: lower --lr or check the data")
+        raise FloatingPointError(
+            f"loss became {value} at step {step}: lower the learning rate or check the data"
+        )

@@ -7,6 +7,7 @@ semantic / panoptic / instance post-processing in original-image coordinates.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,11 +17,11 @@ import torch
 
 from mask2former.config import ModelConfig
 from mask2former.data.image_io import load_image
-from mask2former.data.preprocess import PreprocessedImage, pad_batch, preprocess
-from mask2former.postprocess import InstanceResult, PanopticResult, SemanticResult, postprocess
+from mask2former.inference.postprocess import PostprocessSettings, postprocess
+from mask2former.inference.preprocess import PreprocessedImage, pad_batch, preprocess_for
+from mask2former.results import Result
 
 TASKS = ("semantic", "instance", "panoptic")
-Result = SemanticResult | PanopticResult | InstanceResult
 
 
 @dataclass
@@ -33,24 +34,72 @@ class Prediction:
 
 
 class TorchRunner:
-    """Runs the eager model: (B, 3, Hp, Wp) float -> {"pred_logits", "pred_masks"} without aux outputs."""
+    """Runs an eager model: (B, 3, Hp, Wp) float -> {"pred_logits", "pred_masks"} without aux outputs.
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
-        from mask2former.speed import optimize_for_inference
+    `model` stays as the caller gave it (device, classes and state_dict keys alike, so it can still be
+    saved, converted, exported or fine-tuned). Inference runs on a private copy on `device`, rewritten by
+    `optimize_for_inference` when `optimize` (FrozenBN folded, oneDNN layers); the copy is made on first use
+    and again whenever the model's tensors changed (reloaded, moved or trained in place). With
+    `optimize=False` on the model's own device, the model itself runs (no copy).
+    """
 
-        # Result-preserving inference rewrites (FrozenBN folded into the convolutions), in place: the runner
-        # owns the model from here on, and a folded model no longer has the checkpoint's norm keys.
-        self.model = optimize_for_inference(model).to(device)
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", optimize: bool = True):
+        self.model = model
         self.device = torch.device(device)
+        self.optimize = optimize
+        self._copy: torch.nn.Module | None = None
+        self._copy_key: tuple | None = None
 
-    @torch.inference_mode()
+    def inference_model(self) -> torch.nn.Module:
+        """The module inference runs: the caller's model, or the private (optimised) copy of it."""
+        first = next(self.model.parameters(), None)
+        on_device = first is None or first.device == self.device
+        if not self.optimize and on_device:
+            return self.model
+        key = _tensor_key(self.model)
+        if self._copy is None or self._copy_key != key:
+            self._copy = None  # free the stale copy before making the new one
+            # Outside inference mode: the copy's weights must stay ordinary tensors (oneDNN packing reads
+            # their version counters), even when the caller runs us inside an inference_mode block.
+            with torch.inference_mode(False):
+                private = copy.deepcopy(self.model).requires_grad_(False).to(self.device).eval()
+                if self.optimize:
+                    from mask2former.inference.optimize import optimize_for_inference
+
+                    private = optimize_for_inference(private)
+            self._copy, self._copy_key = private, key
+        return self._copy
+
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        images = images.to(self.device, dtype=next(self.model.parameters()).dtype)
-        outputs = self.model(images, return_aux=False)
+        model = self.inference_model()
+        with torch.inference_mode():
+            return self._run(model, images)
+
+    def _run(self, model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.to(self.device, dtype=next(model.parameters()).dtype)
+        if model.training:  # the caller's own model in training mode: evaluate it without changing its mode
+            model.eval()
+            try:
+                outputs = model(images, return_aux=False)
+            finally:
+                model.train()
+        else:
+            outputs = model(images, return_aux=False)
         return {
             "pred_logits": outputs["pred_logits"].float().cpu(),
             "pred_masks": outputs["pred_masks"].float().cpu(),
         }
+
+
+def _tensor_key(model: torch.nn.Module) -> tuple:
+    """Identity of every parameter and buffer (storage and in-place version): changes when any is edited."""
+    return tuple((t.data_ptr(), _version(t), t.device) for t in model.state_dict(keep_vars=True).values())
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place version of a tensor; inference tensors have none (they cannot be edited outside inference
+    mode, so their storage alone identifies them)."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class Predictor:
@@ -68,7 +117,7 @@ class Predictor:
         trained: bool = True,
     ):
         self.runner = runner
-        self.config = config
+        self.config = copy.deepcopy(config)  # set_short_edge edits it: never the caller's object
         self.source = source
         self.trained = trained
 
@@ -78,18 +127,7 @@ class Predictor:
 
     def preprocess(self, image: np.ndarray) -> PreprocessedImage:
         """(H, W, 3) uint8 RGB -> normalised (1, 3, Hp, Wp) tensor with its sizes, by the config's mode."""
-        cfg = self.config.input
-        if cfg.mode == "deploy":
-            if cfg.size is None:
-                raise ValueError(f"model {self.config.name!r}: deploy pre-processing needs input.size")
-            return preprocess(image, mode="deploy", size=tuple(cfg.size))
-        return preprocess(
-            image,
-            mode="official",
-            short_edge=cfg.short_edge,
-            max_size=cfg.max_size,
-            size_divisibility=cfg.size_divisibility,
-        )
+        return preprocess_for(self.config.input, image)
 
     def set_short_edge(self, short_edge: int, max_size: int | None = None) -> None:
         """Run the official pre-processing at another test-time scale.
@@ -123,34 +161,8 @@ class Predictor:
         batch = pad_batch([item.tensor for item in inputs], self.config.input.size_divisibility)
         outputs = self.runner(batch)
         padded_size = tuple(batch.shape[-2:])
-        predictions = []
-        for index, (array, item) in enumerate(zip(arrays, inputs, strict=True)):
-            result = self._postprocess(outputs, index, padded_size, item, task)
-            predictions.append(Prediction(image=array, result=result, task=task))
-        return predictions
-
-    def _postprocess(
-        self,
-        outputs: dict[str, torch.Tensor],
-        index: int,
-        padded_size: tuple[int, int],
-        item: PreprocessedImage,
-        task: str,
-    ) -> Result:
-        """Image `index` of the batch outputs -> its result at the original size (official semantics)."""
-        cfg = self.config
-        return postprocess(
-            outputs,
-            batch_index=index,
-            task=task,
-            padded_size=padded_size,
-            image_size=tuple(item.image_size),
-            original_size=tuple(item.original_size),
-            # a panoptic model reports instances of thing classes only, as the official code does
-            thing_classes=cfg.thing_classes if (task == "panoptic" or cfg.task == "panoptic") else None,
-            object_mask_threshold=cfg.object_mask_threshold,
-            overlap_threshold=cfg.overlap_threshold,
-            top_k=cfg.test_topk,
-            # the official semantic order differs when the model also does panoptic/instance inference
-            semantic_before_inference=cfg.task != "semantic",
-        )
+        settings = PostprocessSettings.from_config(self.config, task)
+        return [
+            Prediction(array, postprocess(outputs, index, task, settings, item.geometry(padded_size)), task)
+            for index, (array, item) in enumerate(zip(arrays, inputs, strict=True))
+        ]

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mask2former.config import PIXEL_MEAN, PIXEL_STD, InputConfig
 from mask2former.data.image_io import load_image
-
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
+from mask2former.inference.postprocess import ImageGeometry
 
 
 @dataclass
@@ -36,6 +35,11 @@ class PreprocessedImage:
     tensor: torch.Tensor
     image_size: tuple[int, int]
     original_size: tuple[int, int]
+
+    def geometry(self, padded_size: tuple[int, int] | None = None) -> ImageGeometry:
+        """Where this image sits in a batch padded to `padded_size` (default: its own tensor's size)."""
+        padded = tuple(padded_size) if padded_size is not None else tuple(self.tensor.shape[-2:])
+        return ImageGeometry(padded, tuple(self.image_size), tuple(self.original_size))
 
 
 def shortest_edge_size(
@@ -129,6 +133,23 @@ def preprocess(image, mode: str = "official", **kwargs) -> PreprocessedImage:
     if mode == "deploy":
         return preprocess_deploy(image, **kwargs)
     raise ValueError(f"unknown pre-processing mode {mode!r}; expected 'official' or 'deploy'")
+
+
+def preprocess_for(config: InputConfig, image) -> PreprocessedImage:
+    """`image` pre-processed as a model's InputConfig says (deploy or official mode): the one
+    pre-processing entry of the predictor, export parity, the benchmarks and the server."""
+    if config.mode == "deploy":
+        if config.size is None:
+            raise ValueError("input.size: deploy pre-processing needs a fixed (H, W) size")
+        return preprocess_deploy(image, size=tuple(config.size))
+    if config.mode != "official":
+        raise ValueError(f"input.mode: unknown mode {config.mode!r}; expected official or deploy")
+    return preprocess_official(
+        image,
+        short_edge=config.short_edge,
+        max_size=config.max_size,
+        size_divisibility=config.size_divisibility,
+    )
 
 
 def pad_batch(tensors: list[torch.Tensor], size_divisibility: int = 32) -> torch.Tensor:

@@ -13,6 +13,7 @@ to float rounding).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,37 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mask2former.results import InstanceResult, PanopticResult, PanopticSegment, SemanticResult
+
 Size = tuple[int, int]
 CHUNK = 16  # queries resized at a time: bounds peak memory at CHUNK x padded/original size floats
-
-
-@dataclass
-class SemanticResult:
-    class_map: np.ndarray  # (H, W) int32 contiguous class index per pixel
-    scores: torch.Tensor  # (K, H, W) float32 per-class score (sum over queries of p(c|q) * sigmoid(mask))
-
-
-@dataclass
-class PanopticSegment:
-    id: int  # value of the segment in PanopticResult.id_map (>= 1)
-    category_id: int  # contiguous class index
-    isthing: bool
-    score: float  # class probability of the (first) query that made the segment
-    area: int  # pixels in id_map
-
-
-@dataclass
-class PanopticResult:
-    id_map: np.ndarray  # (H, W) int32, 0 = void
-    segments: list[PanopticSegment]
-
-
-@dataclass
-class InstanceResult:
-    masks: np.ndarray  # (N, H, W) bool
-    classes: np.ndarray  # (N,) int64 contiguous class index
-    scores: np.ndarray  # (N,) float32, sorted in decreasing order
-    boxes: np.ndarray  # (N, 4) float32 xyxy pixels, exclusive max (x2 = last column + 1); zeros if empty
 
 
 def _check_pair(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
@@ -326,38 +300,73 @@ def instance_inference(
 TASKS = ("semantic", "panoptic", "instance")
 
 
+@dataclass(frozen=True)
+class PostprocessSettings:
+    """How a model's raw outputs become results: the official thresholds and the thing/stuff split.
+
+    `thing_classes`: one flag per class; panoptic needs it, instance keeps only things when it is given
+    (the official behaviour of a panoptic model) and every class when None. `score_threshold` drops
+    instances below it (0 keeps the official unthresholded list). `semantic_before_inference`: the
+    official semantic path of a model that also does panoptic/instance inference (resize queries first).
+    """
+
+    thing_classes: tuple[bool, ...] | None = None
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+    top_k: int = 100
+    score_threshold: float = 0.0
+    semantic_before_inference: bool = False
+    chunk_size: int = CHUNK
+
+    @classmethod
+    def from_config(cls, config, task: str, **overrides) -> PostprocessSettings:
+        """The settings a ModelConfig implies for `task`; `overrides` replace single fields."""
+        panoptic = task == "panoptic" or config.task == "panoptic"
+        settings = cls(
+            thing_classes=tuple(config.thing_classes) if panoptic else None,
+            object_mask_threshold=config.object_mask_threshold,
+            overlap_threshold=config.overlap_threshold,
+            top_k=config.test_topk,
+            semantic_before_inference=config.task != "semantic",
+        )
+        return dataclasses.replace(settings, **overrides)
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where one image sits in a padded batch: padded (Hp, Wp), resized image (h, w) at the top left of
+    the padding, and the original (H, W) that results are returned at."""
+
+    padded_size: Size
+    image_size: Size
+    original_size: Size
+
+
 @torch.no_grad()
 def postprocess(
     outputs: dict[str, torch.Tensor],
-    batch_index: int = 0,
-    task: str = "panoptic",
-    padded_size: Size | None = None,
-    image_size: Size | None = None,
-    original_size: Size | None = None,
-    thing_classes: Sequence[bool] | None = None,
-    object_mask_threshold: float = 0.8,
-    overlap_threshold: float = 0.8,
-    top_k: int = 100,
-    score_threshold: float = 0.0,
-    semantic_before_inference: bool = False,
-    chunk_size: int = CHUNK,
+    batch_index: int,
+    task: str,
+    settings: PostprocessSettings,
+    geometry: ImageGeometry | None = None,
 ) -> SemanticResult | PanopticResult | InstanceResult:
-    """One image of a batch of model outputs -> its result at the original size.
+    """Image `batch_index` of a batch of model outputs -> its result at the original size.
 
-    outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, Hp/4, Wp/4). padded_size (Hp, Wp) defaults
-    to 4x the mask size, image_size (h, w) (the resized image inside the padding) to padded_size,
-    original_size (H, W) to image_size. Panoptic needs `thing_classes`; instance filters to things when
-    it is given (the official behaviour for panoptic models) and keeps every class when None.
-    Panoptic and instance resize only the queries they can use, chunk_size at a time.
+    The one post-processing entry of every caller (predictor, export parity, benchmarks, server).
+    outputs: "pred_logits" (B, Q, K+1), "pred_masks" (B, Q, Hp/4, Wp/4). Without `geometry` the image
+    fills the padded size, 4x the mask size. Panoptic and instance resize only the queries they can use,
+    `settings.chunk_size` at a time.
     """
     if task not in TASKS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
     class_logits = outputs["pred_logits"][batch_index]
     mask_logits = outputs["pred_masks"][batch_index]
     _check_pair(class_logits, mask_logits)
-    padded_size = tuple(padded_size or (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1]))
-    image_size = tuple(image_size or padded_size)
-    original_size = tuple(original_size or image_size)
+    if geometry is None:
+        padded = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])
+        geometry = ImageGeometry(padded, padded, padded)
+    padded_size, image_size, original_size = geometry.padded_size, geometry.image_size, geometry.original_size
+    chunk_size = settings.chunk_size
 
     def resize(queries: torch.Tensor) -> torch.Tensor:
         return resize_mask_logits(mask_logits[queries], padded_size, image_size, original_size, chunk_size)
@@ -369,16 +378,21 @@ def postprocess(
             padded_size,
             image_size,
             original_size,
-            semantic_before_inference,
+            settings.semantic_before_inference,
             chunk_size,
         )
+    thing_classes = settings.thing_classes
     if task == "panoptic":
         if thing_classes is None:
             raise ValueError("thing_classes: panoptic post-processing needs one thing/stuff flag per class")
-        keep = torch.nonzero(_panoptic_keep(class_logits, object_mask_threshold)).flatten()
+        keep = torch.nonzero(_panoptic_keep(class_logits, settings.object_mask_threshold)).flatten()
         # Keeping depends on class scores only, so inference on the kept subset is the same computation.
         return panoptic_inference(
-            class_logits[keep], resize(keep), thing_classes, object_mask_threshold, overlap_threshold
+            class_logits[keep],
+            resize(keep),
+            thing_classes,
+            settings.object_mask_threshold,
+            settings.overlap_threshold,
         )
-    scores, classes, queries = _select_instances(class_logits, top_k, thing_classes)
-    return _instances(scores, classes, queries, original_size, resize, score_threshold, chunk_size)
+    scores, classes, queries = _select_instances(class_logits, settings.top_k, thing_classes)
+    return _instances(scores, classes, queries, original_size, resize, settings.score_threshold, chunk_size)
