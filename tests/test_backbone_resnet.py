@@ -7,10 +7,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from mask2former.modeling.backbone import ResNet, build_backbone, resnet50, resnet101
+from mask2former.config import resnet_backbone
+from mask2former.modeling.backbone import ResNet
+from mask2former.modeling.build import build_backbone
 from mask2former.modeling.layers import FrozenBatchNorm2d, fold_frozen_batchnorm
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def resnet50() -> ResNet:
+    return build_backbone(resnet_backbone(50))
+
+
+def resnet101() -> ResNet:
+    return build_backbone(resnet_backbone(101))
+
+
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
@@ -169,7 +181,7 @@ def test_frozen_batchnorm_is_unchanged_by_training():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_build_backbone_by_name():
-    assert isinstance(build_backbone("resnet50"), ResNet)
-    with pytest.raises(ValueError, match="unknown backbone"):
-        build_backbone("resnet18")
+def test_build_backbone_from_its_config():
+    assert isinstance(resnet50(), ResNet)
+    with pytest.raises(KeyError):
+        resnet_backbone(18)

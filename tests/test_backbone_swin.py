@@ -1,5 +1,6 @@
 """Swin backbone: official key names, shapes, parameter counts, shifted-window masking, drop path, init."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -8,15 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mask2former.modeling.backbone import (
-    SwinTransformer,
-    build_backbone,
-    swin_base,
-    swin_large,
-    swin_small,
-    swin_tiny,
-)
+from mask2former.config import swin_backbone
+from mask2former.modeling.backbone import SwinTransformer
 from mask2former.modeling.backbone.swin import SwinTransformerBlock, shifted_window_mask
+from mask2former.modeling.build import build_backbone
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -30,7 +26,7 @@ def tiny_swin(**kwargs) -> SwinTransformer:
 def swin_t() -> SwinTransformer:
     """One Swin-T for the read-only checks (its init takes about a second)."""
     torch.manual_seed(0)
-    return swin_tiny()
+    return build_backbone(swin_backbone("t"))
 
 
 def swin_parameter_count(embed_dim, depths, num_heads, window_size, patch_size=4, mlp_ratio=4) -> int:
@@ -69,14 +65,14 @@ def test_swin_tiny_parameter_count(swin_t):
 @pytest.mark.parametrize(
     "builder, embed_dim, depths, heads, window",
     [
-        (swin_small, 96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
-        (swin_base, 128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
-        (swin_large, 192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
+        ("s", 96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
+        ("b", 128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
+        ("l", 192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
     ],
 )
 def test_larger_presets_structure(builder, embed_dim, depths, heads, window):
     with torch.device("meta"):  # no memory, no init cost
-        model = builder()
+        model = build_backbone(swin_backbone(builder))
     assert model.out_channels == {f"res{i + 2}": embed_dim * 2**i for i in range(4)}
     assert [len(layer.blocks) for layer in model.layers] == list(depths)
     assert [layer.blocks[0].attn.num_heads for layer in model.layers] == list(heads)
@@ -266,10 +262,12 @@ def test_backward_reaches_every_parameter():
     assert not missing
 
 
-def test_build_backbone_by_name():
+def test_build_backbone_from_its_config():
     with torch.device("meta"):
-        model = build_backbone("swin_base", window_size=7)
+        model = build_backbone(dataclasses.replace(swin_backbone("b"), window_size=7))
     assert model.layers[0].blocks[0].window_size == 7
+    with pytest.raises(ValueError, match="unknown backbone kind"):
+        build_backbone(dataclasses.replace(swin_backbone("b"), kind="vit"))
 
 
 def test_onnx_export_with_dynamic_size_matches_eager(tmp_path):

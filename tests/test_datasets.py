@@ -18,7 +18,7 @@ from mask2former.data.datasets import (
     polygons_to_mask,
 )
 from mask2former.data.synth import SYNTH_META, generate
-from mask2former.formats import id2rgb
+from mask2former.fileio import id2rgb
 
 
 def _save(path, array):

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as coco_mask
@@ -9,13 +10,9 @@ import pytest
 from PIL import Image
 
 from mask2former import formats
+from mask2former.fileio import id2rgb, read_label_png, read_panoptic_png, rgb2id, write_json
 from mask2former.formats import (
-    id2rgb,
     instances_to_coco,
-    read_panoptic_png,
-    read_semantic_png,
-    rgb2id,
-    write_json,
     write_panoptic,
     write_panoptic_json,
     write_semantic_png,
@@ -30,15 +27,15 @@ def test_semantic_png_round_trip_uint8_with_category_ids(tmp_path):
     write_semantic_png(tmp_path / "a.png", class_map, ids)
     with Image.open(tmp_path / "a.png") as image:
         assert image.mode == "L"
-    np.testing.assert_array_equal(read_semantic_png(tmp_path / "a.png"), np.asarray(ids)[class_map])
+    np.testing.assert_array_equal(read_label_png(tmp_path / "a.png"), np.asarray(ids)[class_map])
     write_semantic_png(tmp_path / "b.png", class_map)  # no ids: the contiguous indices themselves
-    np.testing.assert_array_equal(read_semantic_png(tmp_path / "b.png"), class_map)
+    np.testing.assert_array_equal(read_label_png(tmp_path / "b.png"), class_map)
 
 
 def test_semantic_png_uses_16_bits_above_255(tmp_path):
     class_map = np.array([[0, 1], [2, 1]])
     write_semantic_png(tmp_path / "a.png", class_map, [5, 300, 65535])
-    np.testing.assert_array_equal(read_semantic_png(tmp_path / "a.png"), [[5, 300], [65535, 300]])
+    np.testing.assert_array_equal(read_label_png(tmp_path / "a.png"), [[5, 300], [65535, 300]])
 
 
 def test_semantic_png_rejects_class_without_id(tmp_path):
@@ -140,7 +137,7 @@ def test_failed_json_write_keeps_old_file_and_leaves_nothing(tmp_path):
 
 def test_failure_during_png_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken_save(self, fp, *args, **kwargs):
-        fp.write(b"\x89PNG partial")  # some bytes reach the temporary file before the failure
+        Path(fp).write_bytes(b"\x89PNG partial")  # some bytes reach the temporary file before the failure
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mask2former.cli import main
-from mask2former.formats import read_panoptic_png
+from mask2former.fileio import read_panoptic_png
 
 DATA = Path(__file__).parent / "data"
 

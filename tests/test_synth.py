@@ -9,7 +9,7 @@ from PIL import Image
 from mask2former.cli import main
 from mask2former.data.catalog import get_meta
 from mask2former.data.synth import SYNTH_META, generate, make_scene
-from mask2former.formats import read_panoptic_png
+from mask2former.fileio import read_panoptic_png
 
 
 def _bytes_of(folder):

@@ -136,18 +136,25 @@ def _section_from_dict(section: type, value: dict[str, Any]):
 # Presets: one plain builder per official model-zoo architecture.
 
 
-def _resnet(depth: int) -> BackboneConfig:
-    layers = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[depth]
-    return BackboneConfig(kind="resnet", layers=layers)
+# Bottleneck blocks per stage of detectron2's R-50 / R-101.
+RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# Swin variants: embed dim, depths, heads, window, pre-training size (B and L as pre-trained at 384).
+SWIN_SIZES = {
+    "t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224),
+    "s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, 224),
+    "b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, 384),
+    "l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 384),
+}
 
 
-def _swin(size: str) -> BackboneConfig:
-    embed, depths, heads, window, pretrain = {
-        "t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224),
-        "s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, 224),
-        "b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, 384),
-        "l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, 384),
-    }[size]
+def resnet_backbone(depth: int) -> BackboneConfig:
+    """detectron2's R-50 or R-101."""
+    return BackboneConfig(kind="resnet", layers=RESNET_LAYERS[depth])
+
+
+def swin_backbone(size: str) -> BackboneConfig:
+    """Swin-T/S/B/L by its letter ("t", "s", "b", "l")."""
+    embed, depths, heads, window, pretrain = SWIN_SIZES[size]
     return BackboneConfig(
         kind="swin",
         embed_dim=embed,
@@ -158,21 +165,33 @@ def _swin(size: str) -> BackboneConfig:
     )
 
 
+def _backbone(name: str) -> BackboneConfig:
+    """ "r50", "r101", "swin-t", ... -> its BackboneConfig."""
+    return resnet_backbone(int(name[1:])) if name.startswith("r") else swin_backbone(name.split("-")[1])
+
+
+def with_dataset_meta(config: ModelConfig, meta) -> ModelConfig:
+    """A copy of `config` with the classes of a DatasetMeta (names, thing flags, ids, colours, name): the one
+    place dataset metadata enters a model config."""
+    return dataclasses.replace(
+        config,
+        dataset=meta.name,
+        class_names=list(meta.class_names),
+        thing_classes=[bool(t) for t in meta.thing_classes],
+        category_ids=[int(c) for c in meta.category_ids],
+        colors=[tuple(int(v) for v in c) for c in meta.colors],
+    )
+
+
 def _with_dataset(config: ModelConfig, dataset: str) -> ModelConfig:
     from mask2former.data.catalog import get_meta
 
-    meta = get_meta(dataset)
-    config.dataset = dataset
-    config.class_names = list(meta.class_names)
-    config.thing_classes = list(meta.thing_classes)
-    config.category_ids = list(meta.category_ids)
-    config.colors = [tuple(c) for c in meta.colors]
-    return config
+    return dataclasses.replace(with_dataset_meta(config, get_meta(dataset)), dataset=dataset)
 
 
 def coco_panoptic(backbone: str) -> ModelConfig:
     """COCO panoptic (133 classes), test shortest edge 800 / max 1333; Swin-L uses 200 queries."""
-    bb = _resnet(int(backbone[1:])) if backbone.startswith("r") else _swin(backbone.split("-")[1])
+    bb = _backbone(backbone)
     queries = 200 if backbone == "swin-l" else 100
     config = ModelConfig(
         name=f"coco-panoptic-{backbone}",
@@ -186,7 +205,7 @@ def coco_panoptic(backbone: str) -> ModelConfig:
 
 def coco_instance(backbone: str) -> ModelConfig:
     """COCO instance (80 thing classes), test shortest edge 800 / max 1333."""
-    bb = _resnet(int(backbone[1:])) if backbone.startswith("r") else _swin(backbone.split("-")[1])
+    bb = _backbone(backbone)
     queries = 200 if backbone == "swin-l" else 100
     config = ModelConfig(
         name=f"coco-instance-{backbone}",
@@ -200,7 +219,7 @@ def coco_instance(backbone: str) -> ModelConfig:
 
 def ade20k_semantic(backbone: str) -> ModelConfig:
     """ADE20K semantic (150 classes), test shortest edge 512 / max 2048, 100 queries."""
-    bb = _resnet(int(backbone[1:])) if backbone.startswith("r") else _swin(backbone.split("-")[1])
+    bb = _backbone(backbone)
     if backbone in ("swin-b", "swin-l"):
         input_config = InputConfig(short_edge=640, max_size=2560)
     else:

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 PathLike = str | os.PathLike
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What a truncated, corrupt or oversized PNG raises.
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------- atomic writing

@@ -1,8 +1,7 @@
 """Standard output formats: semantic PNGs, COCO panoptic PNG + JSON, COCO instance results.
 
-Every writer is atomic: it writes a hidden temporary file next to the target and renames it into place
-(os.replace), so a crash or an error never leaves a half-written file behind, and readers of a folder see
-either the old file or the new one.
+Every writer is atomic (`fileio.atomic_write`): a crash or an error never leaves a half-written file
+behind, and readers of a folder see either the old file or the new one.
 
 Class indices in results are contiguous (0..K-1); `category_ids[c]` gives the dataset id written to files
 (identity when None). The panoptic PNG encodes a segment id as RGB with id = R + 256 G + 256^2 B
@@ -11,68 +10,19 @@ Class indices in results are contiguous (0..K-1); `category_ids[c]` gives the da
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from mask2former import rle
+from mask2former.fileio import id2rgb, write_json, write_png
 from mask2former.results import InstanceResult, PanopticResult
 
 PathLike = str | os.PathLike
-
-
-# ---------------------------------------------------------------- atomic writing
-
-
-def _atomic_write(path: PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Call write(file) on a temporary file in path's folder, then rename it to path; remove it on failure."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist; create it first")
-    temp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with mode 0o666 lets the umask decide permissions, as for any ordinary new file.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    """Let numpy scalars and arrays (common in results) go into JSON as plain numbers and lists."""
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("ascii")  # pycocotools-style RLE counts
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def write_json(path: PathLike, obj: Any) -> Path:
-    """Write obj as JSON (numpy numbers and arrays allowed) atomically."""
-    # Serialise before touching the disk: an unserialisable object then fails without any file work.
-    data = json.dumps(obj, default=_json_default).encode("utf-8")
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def _write_png(path: PathLike, array: np.ndarray) -> Path:
-    image = Image.fromarray(array)
-    return _atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 # ---------------------------------------------------------------- semantic
@@ -107,40 +57,7 @@ def write_semantic_png(
     top = int(values.max()) if values.size else 0
     if top > 65535:
         raise ValueError(f"{path}: class value {top} does not fit in a 16-bit PNG")
-    return _write_png(path, values.astype(np.uint8 if top <= 255 else np.uint16))
-
-
-def read_semantic_png(path: PathLike) -> np.ndarray:
-    """Single-channel (8- or 16-bit) label PNG -> (H, W) int32."""
-    with Image.open(path) as image:
-        return np.asarray(image).astype(np.int32)
-
-
-# ---------------------------------------------------------------- panoptic
-
-
-def id2rgb(ids: np.ndarray | int) -> np.ndarray | list[int]:
-    """Segment ids (...) -> colours (..., 3) uint8 with id = R + 256 G + 256^2 B; an int gives [R, G, B]."""
-    if isinstance(ids, (int, np.integer)):
-        value = int(ids)
-        return [value % 256, value // 256 % 256, value // 65536 % 256]
-    ids = np.asarray(ids, dtype=np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-
-def rgb2id(color: np.ndarray | Sequence[int]) -> np.ndarray | int:
-    """Colours (..., 3) -> ids (...) int32; a single [R, G, B] gives an int."""
-    if not isinstance(color, np.ndarray):
-        r, g, b = (int(v) for v in color)
-        return r + 256 * g + 65536 * b
-    color = color.astype(np.int32)
-    return color[..., 0] + 256 * color[..., 1] + 65536 * color[..., 2]
-
-
-def read_panoptic_png(path: PathLike) -> np.ndarray:
-    """COCO panoptic PNG -> (H, W) int32 segment ids (0 = void)."""
-    with Image.open(path) as image:
-        return rgb2id(np.asarray(image.convert("RGB")))
+    return write_png(path, values.astype(np.uint8 if top <= 255 else np.uint16))
 
 
 def _segments_info(
@@ -189,7 +106,7 @@ def write_panoptic(
         "file_name": file_name if file_name is not None else Path(png_path).name,
         "segments_info": _segments_info(id_map, result, category_ids),
     }
-    _write_png(png_path, id2rgb(id_map))
+    write_png(png_path, id2rgb(id_map))
     if json_path is not None:
         write_json(json_path, annotation)
     return annotation

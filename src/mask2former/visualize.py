@@ -8,8 +8,6 @@ concave shapes where a centroid would not. Pixels outside every segment keep the
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from mask2former import fileio
 from mask2former.data.catalog import DatasetMeta
 
 Color = tuple[int, int, int]
@@ -129,23 +128,11 @@ def draw_instances(
 
 
 def save_image(img: Image.Image | np.ndarray, path: str | Path) -> Path:
-    """Write an image atomically (temp file in the same folder, then os.replace); format from the suffix."""
-    path = Path(path)
-    image_format = Image.registered_extensions().get(path.suffix.lower())
-    if image_format is None:
-        raise ValueError(f"{path}: unknown image format {path.suffix!r}; use .png or .jpg")
+    """Write a picture atomically (`fileio.save_image`; folders created); the format follows the suffix."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(_check_image(img))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        img.save(temp_name, format=image_format)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return fileio.save_image(img, path)
 
 
 def label_point(mask: np.ndarray) -> tuple[int, int]:

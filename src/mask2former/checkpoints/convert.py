@@ -26,7 +26,7 @@ from mask2former.checkpoints.io import (
     read_checkpoint,
     save_checkpoint,
 )
-from mask2former.config import PRESETS, ModelConfig, get_preset
+from mask2former.config import PRESETS, ModelConfig, get_preset, with_dataset_meta
 
 FORMATS = ("ours", "detectron2", "hf")
 DETECTRON2_SUFFIXES = (".pkl", ".pth", ".pt")
@@ -194,7 +194,7 @@ def _complete(
         )
     else:
         label = "HF id2label names" if names is not None else "generic class_{i} names"
-        _set_generic_metadata(config, names or [f"class_{i}" for i in range(num_classes)])
+        config = _generic_metadata(config, names or [f"class_{i}" for i in range(num_classes)])
         converted.warnings.append(
             f"no preset has these {num_classes} classes: {label}, every class treated as a thing; "
             "pass --preset (preset=) or edit the converted config.json"
@@ -204,16 +204,17 @@ def _complete(
     return config
 
 
-def _set_generic_metadata(config: ModelConfig, names: list[str]) -> None:
-    config.dataset = "custom"
-    config.class_names = list(names)
-    config.thing_classes = [True] * len(names)
-    config.category_ids = list(range(len(names)))
+def _generic_metadata(config: ModelConfig, names: list[str]) -> ModelConfig:
+    """`config` with classes that are only names: every one a thing, ids 0..K-1."""
+    from mask2former.data.catalog import DatasetMeta
+
     # evenly spread hues (golden-ratio steps) so neighbouring classes get distinct colours
-    config.colors = [
+    colors = [
         tuple(int(255 * c) for c in colorsys.hsv_to_rgb((0.618034 * i) % 1.0, 0.65, 0.95))
         for i in range(len(names))
     ]
+    meta = DatasetMeta("custom", list(names), [True] * len(names), list(range(len(names))), colors)
+    return with_dataset_meta(config, meta)
 
 
 def build_and_load(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> torch.nn.Module:

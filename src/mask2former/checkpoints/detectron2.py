@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mask2former.checkpoints.io import CheckpointError, _atomic_write
+from mask2former.checkpoints.io import CheckpointError
 from mask2former.checkpoints.safe_pickle import load_pickled
 from mask2former.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
+from mask2former.fileio import atomic_write
 
 AUTHOR = "mask2former"
 # The official no-object class weight (MODEL.MASK_FORMER.NO_OBJECT_WEIGHT), last entry of empty_weight.
@@ -123,7 +124,7 @@ def write_official(state: dict[str, torch.Tensor], config: ModelConfig, path: st
         def write(tmp: str) -> None:
             torch.save(document, tmp)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

@@ -25,9 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mask2former.checkpoints.huggingface_keys import ENC, STAGES, key_mapping
-from mask2former.checkpoints.io import CheckpointError, _atomic_write
+from mask2former.checkpoints.io import CheckpointError
 from mask2former.checkpoints.safe_pickle import load_torch_file
 from mask2former.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
+from mask2former.fileio import atomic_write, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -331,11 +332,6 @@ def write_hf_folder(state: dict[str, torch.Tensor], config: ModelConfig, out_dir
     tensors = ours_to_hf(state, config, str(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     # transformers checks the "format" metadata of safetensors files it loads.
-    _atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as handle:
-            json.dump(hf_config, handle, indent=2)
-
-    _atomic_write(out_dir / CONFIG_NAME, write_json)
+    atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(out_dir / CONFIG_NAME, hf_config, indent=2)
     return out_dir

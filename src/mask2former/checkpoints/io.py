@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mask2former.config import ModelConfig
+from mask2former.fileio import atomic_write, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -34,19 +33,6 @@ def is_our_format(path: str | Path) -> bool:
     return isinstance(document, dict) and "format_version" in document and "model" in document
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(
     state_dict: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, extra: dict | None = None
 ) -> Path:
@@ -57,18 +43,14 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _atomic_write(
+    atomic_write(
         out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "mask2former"})
     )
     document = {"format_version": FORMAT_VERSION, "model": config.to_dict()}
     if extra:
         document.update(extra)
 
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as handle:
-            json.dump(document, handle, indent=1)
-
-    _atomic_write(out_dir / CONFIG_NAME, write_json)
+    write_json(out_dir / CONFIG_NAME, document, indent=1)
     return out_dir
 
 

@@ -12,10 +12,8 @@ Prints a table and, with --out DIR, writes DIR/metrics.json (NaN written as null
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -136,27 +134,15 @@ def _without_nan(value: Any) -> Any:
 
 
 def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
-    """Write out_dir/metrics.json through a temporary file renamed into place."""
+    """Write out_dir/metrics.json atomically (NaN as null)."""
+    from mask2former.fileio import write_json
+
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--out {out_dir}: cannot create the folder ({error.strerror or error})") from None
-    target = out_dir / "metrics.json"
-    data = json.dumps(_without_nan(metrics), indent=2, allow_nan=False) + "\n"
-    try:
-        descriptor, temp = tempfile.mkstemp(dir=out_dir, prefix=".metrics.", suffix=".tmp")
+        return write_json(out_dir / "metrics.json", _without_nan(metrics), indent=2)
     except OSError as error:
         raise UserError(f"--out {out_dir}: cannot write ({error.strerror or error})") from None
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(data)
-        os.chmod(temp, 0o644)  # mkstemp makes it private; metrics are an ordinary file
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def _evaluate_model(args: argparse.Namespace) -> dict | None:

@@ -115,16 +115,13 @@ def _model_config(args: argparse.Namespace):
         raise UserError(f"--config {args.config}: not a model config ({error})") from None
 
 
-def _adopt_dataset_classes(config, meta) -> None:
-    """Train the architecture on the dataset's own classes when they differ from the preset's."""
-    names = list(meta.class_names)
-    if names == list(config.class_names):
-        return
-    config.class_names = names
-    config.thing_classes = list(meta.thing_classes)
-    config.category_ids = list(meta.category_ids)
-    config.colors = [tuple(c) for c in meta.colors] if getattr(meta, "colors", None) else []
-    config.dataset = getattr(meta, "name", "custom")
+def _adopt_dataset_classes(config, meta):
+    """The architecture with the dataset's own classes when they differ from the preset's."""
+    from mask2former.config import with_dataset_meta
+
+    if list(meta.class_names) == list(config.class_names):
+        return config
+    return with_dataset_meta(config, meta)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = open_dataset(args.data)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(f"--data {args.data}: {error}") from None
-    _adopt_dataset_classes(model_config, dataset.meta)
+    model_config = _adopt_dataset_classes(model_config, dataset.meta)
     init_weights = None
     if args.init:
         import mask2former

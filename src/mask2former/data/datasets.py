@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mask2former import rle
+from mask2former import fileio, rle
 from mask2former.data.catalog import DatasetMeta
 from mask2former.data.image_io import IMAGE_EXTENSIONS, ImageReadError, load_image
-from mask2former.formats import read_panoptic_png
+from mask2former.fileio import read_panoptic_png
 
 Transform = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -288,16 +288,9 @@ class CocoInstanceDataset(_MaskDataset):
 def read_label_png(path: Path) -> np.ndarray:
     """Single-channel (or palette) label PNG -> (H, W) int64 values."""
     try:
-        with Image.open(path) as label:
-            if label.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                raise DatasetError(
-                    f"{path}: label PNG has mode {label.mode}; expected one channel of class values"
-                )
-            return np.asarray(label).astype(np.int64)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: label file not found") from None
-    except OSError as error:
-        raise DatasetError(f"{path}: cannot read label PNG ({error})") from None
+        return fileio.read_label_png(path).astype(np.int64)
+    except fileio.PngError as error:
+        raise DatasetError(str(error)) from None
 
 
 class SemanticFolderDataset(_MaskDataset):

@@ -18,7 +18,6 @@ Segment id = category_id * 1000 + k (k = 0 for stuff, 1.. for thing instances). 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import uniform_filter1d
 
 from mask2former.data.catalog import DatasetMeta, register_meta
-from mask2former.formats import id2rgb
+from mask2former.fileio import id2rgb, write_json, write_png
 
 # (category id, name, is thing, display colour). Things come first, as in COCO; the stuff ids leave a
 # gap (6..10 unused) so code that assumes "category id = index + 1" fails on this set too.
@@ -259,15 +258,6 @@ def segments_of(id_map: np.ndarray) -> list[dict]:
 # ---------------------------------------------------------------- writing
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(array).save(temp, format="PNG")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def categories_json(meta: DatasetMeta = SYNTH_META) -> list[dict]:
     """The "categories" list of panoptic.json, in contiguous class order."""
     return [
@@ -324,9 +314,9 @@ def generate(
     for i in range(n):
         scene = make_scene(np.random.default_rng([seed, i]), height, width)
         name = f"{i:06d}.png"
-        _save_png(out_dir / "images" / name, scene.image)
-        _save_png(out_dir / "panoptic" / name, id2rgb(scene.id_map))
-        _save_png(out_dir / "semantic" / name, scene.class_map)
+        write_png(out_dir / "images" / name, scene.image)
+        write_png(out_dir / "panoptic" / name, id2rgb(scene.id_map))
+        write_png(out_dir / "semantic" / name, scene.class_map)
         images.append({"id": i, "file_name": name, "height": height, "width": width})
         annotations.append({"image_id": i, "file_name": name, "segments_info": scene.segments_info})
     panoptic = {
@@ -336,7 +326,5 @@ def generate(
         "categories": categories_json(),
     }
     json_path = out_dir / "panoptic.json"
-    temp = json_path.with_name(f".panoptic.json.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(panoptic, indent=None, separators=(",", ":")))
-    os.replace(temp, json_path)
+    write_json(json_path, panoptic)
     return panoptic

@@ -15,17 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from mask2former import fileio
 from mask2former.evaluation import EvaluationError
 from mask2former.evaluation.instance import InstanceEvaluator
 from mask2former.evaluation.panoptic import PanopticEvaluator
 from mask2former.evaluation.semantic import SemanticEvaluator
 
 PathLike = str | os.PathLike
-
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what a truncated or corrupt PNG raises
 
 
 def read_json(path: PathLike) -> Any:
@@ -43,13 +41,10 @@ def read_json(path: PathLike) -> Any:
 
 def _open_png(path: Path, panoptic: bool) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            # A panoptic PNG stores ids as colours; a label PNG (L, P, I;16) stores the labels themselves.
-            return np.asarray(image.convert("RGB") if panoptic else image)
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: no such file") from None
-    except _PIL_ERRORS as error:
-        raise EvaluationError(f"{path}: cannot read the PNG ({error})") from None
+        # A panoptic PNG stores ids as colours; a label PNG (L, P, I;16) stores the labels themselves.
+        return fileio.read_png(path, mode="RGB" if panoptic else None)
+    except fileio.PngError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def read_panoptic_ids(path: PathLike) -> np.ndarray:

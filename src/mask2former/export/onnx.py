@@ -41,8 +41,8 @@ from mask2former.export.runtime import (
     OnnxRunner,
     require,
     sidecar_path,
-    write_json_atomic,
 )
+from mask2former.fileio import write_json
 from mask2former.modeling.layers import fold_frozen_batchnorm
 
 MIN_OPSET = 17  # LayerNormalization; GridSample needs 16
@@ -223,7 +223,7 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     sidecar = _sidecar(config, size, dynamic, fp16, opset, trained, source, reports, counts, tracer_warnings)
-    write_json_atomic(sidecar_path(out), sidecar)
+    write_json(sidecar_path(out), sidecar, indent=2)
     return json.loads(json.dumps(sidecar))  # as a reader of the file sees it (tuples become lists)
 
 

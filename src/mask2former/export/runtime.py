@@ -75,14 +75,6 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
     return data
 
 
-def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside `path`, then rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _is_static(dim) -> bool:
     return isinstance(dim, int) and dim > 0
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from mask2former.fileio import save_image
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -57,12 +57,4 @@ def plot_loss_curve(
         draw.text(((left + width) // 2 - 15, height - bottom + 18), "step", fill="black")
         draw.line([to_pixel(s, v) for s, v in zip(steps, values, strict=True)], fill=(200, 40, 40), width=2)
     out_path = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".png", dir=out_path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_image(image, out_path)

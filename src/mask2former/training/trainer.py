@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mask2former.checkpoints.io import load_state_dict_strict, save_checkpoint
 from mask2former.config import ModelConfig
 from mask2former.data.collate import collate
+from mask2former.fileio import atomic_write
 from mask2former.training import distributed as dist_utils
 from mask2former.training.batchnorm import BACKBONE_NORMS, frozen_state_dict, thaw_batchnorm
 from mask2former.training.criterion import SetCriterion, global_mean
@@ -150,15 +149,7 @@ def build_criterion(num_classes: int, config: TrainConfig) -> SetCriterion:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda temp: torch.save(obj, temp))
 
 
 def collate_with_seeds(items: list[dict]) -> dict:

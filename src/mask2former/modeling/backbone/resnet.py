@@ -138,13 +138,3 @@ class ResNet(nn.Module):
             if name in self.out_features:
                 outputs[name] = x
         return outputs
-
-
-def resnet50(**kwargs) -> ResNet:
-    """ResNet-50: blocks (3, 4, 6, 3), channels 256..2048 (detectron2's R-50)."""
-    return ResNet(layers=(3, 4, 6, 3), **kwargs)
-
-
-def resnet101(**kwargs) -> ResNet:
-    """ResNet-101: blocks (3, 4, 23, 3), channels 256..2048 (detectron2's R-101)."""
-    return ResNet(layers=(3, 4, 23, 3), **kwargs)

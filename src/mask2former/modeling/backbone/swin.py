@@ -334,37 +334,3 @@ class SwinTransformer(nn.Module):
             if name in self.out_features:
                 outputs[name] = getattr(self, f"norm{i}")(stage_out).permute(0, 3, 1, 2).contiguous()
         return outputs
-
-
-def swin_tiny(window_size: int = 7, **kwargs) -> SwinTransformer:
-    """Swin-T: embed 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24)."""
-    return SwinTransformer(96, (2, 2, 6, 2), (3, 6, 12, 24), window_size=window_size, **kwargs)
-
-
-def swin_small(window_size: int = 7, **kwargs) -> SwinTransformer:
-    """Swin-S: embed 96, depths (2, 2, 18, 2), heads (3, 6, 12, 24)."""
-    return SwinTransformer(96, (2, 2, 18, 2), (3, 6, 12, 24), window_size=window_size, **kwargs)
-
-
-def swin_base(window_size: int = 12, pretrain_img_size: int = 384, **kwargs) -> SwinTransformer:
-    """Swin-B: embed 128, depths (2, 2, 18, 2), heads (4, 8, 16, 32); window 12 as pre-trained at 384."""
-    return SwinTransformer(
-        128,
-        (2, 2, 18, 2),
-        (4, 8, 16, 32),
-        window_size=window_size,
-        pretrain_img_size=pretrain_img_size,
-        **kwargs,
-    )
-
-
-def swin_large(window_size: int = 12, pretrain_img_size: int = 384, **kwargs) -> SwinTransformer:
-    """Swin-L: embed 192, depths (2, 2, 18, 2), heads (6, 12, 24, 48); window 12 as pre-trained at 384."""
-    return SwinTransformer(
-        192,
-        (2, 2, 18, 2),
-        (6, 12, 24, 48),
-        window_size=window_size,
-        pretrain_img_size=pretrain_img_size,
-        **kwargs,
-    )
