@@ -81,3 +81,11 @@ def test_parameter_counts_match_the_published_ones_within_one_percent(name, mill
         model = mask2former.build(name)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - millions * 1e6) <= 0.01 * millions * 1e6, f"{name}: {count:,} parameters"
+
+
+def test_config_written_before_the_num_heads_rename_still_reads():
+    from mask2former.config import ModelConfig, get_preset
+
+    document = get_preset("synth-tiny").to_dict()
+    document["decoder"]["nheads"] = document["decoder"].pop("num_heads")
+    assert ModelConfig.from_dict(document).decoder.num_heads == 4

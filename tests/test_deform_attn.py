@@ -146,7 +146,7 @@ def test_gather_path_in_half_precision_stays_close():
 
 def test_official_init():
     torch.manual_seed(0)
-    attn = MSDeformAttn(d_model=64, n_levels=3, n_heads=8, n_points=4)
+    attn = MSDeformAttn(d_model=64, num_levels=3, num_heads=8, num_points=4)
     assert attn.sampling_offsets.weight.shape == (8 * 3 * 4 * 2, 64)
     assert attn.attention_weights.weight.shape == (8 * 3 * 4, 64)
     assert not attn.sampling_offsets.weight.any()
@@ -173,7 +173,7 @@ def official_locations(reference_points, offsets, shapes):
 
 def test_module_forward_matches_the_definition():
     torch.manual_seed(0)
-    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
+    attn = MSDeformAttn(d_model=16, num_levels=3, num_heads=4, num_points=2)
     with torch.no_grad():  # non-trivial offsets and attention
         attn.sampling_offsets.weight.normal_(0, 0.3)
         attn.attention_weights.weight.normal_(0, 0.3)
@@ -193,7 +193,7 @@ def test_module_forward_matches_the_definition():
 
 
 def test_init_attention_is_uniform_over_levels_and_points():
-    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
+    attn = MSDeformAttn(d_model=16, num_levels=3, num_heads=4, num_points=2)
     weights = attn.attention_weights(torch.randn(1, 3, 16)).view(1, 3, 4, 6).softmax(-1)
     torch.testing.assert_close(weights, torch.full_like(weights, 1 / 6))
 
@@ -203,7 +203,7 @@ class _Wrapper(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.attn = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2)
+        self.attn = MSDeformAttn(d_model=8, num_levels=2, num_heads=2, num_points=2)
 
     def forward(self, coarse, fine):
         shapes = [(coarse.shape[2], coarse.shape[3]), (fine.shape[2], fine.shape[3])]

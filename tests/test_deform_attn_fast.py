@@ -130,7 +130,7 @@ def test_many_small_chunks_give_the_same_result(monkeypatch):
 
 def test_module_forward_and_backward_match_reference(monkeypatch):
     torch.manual_seed(0)
-    attn = MSDeformAttn(d_model=16, n_levels=3, n_heads=4, n_points=2)
+    attn = MSDeformAttn(d_model=16, num_levels=3, num_heads=4, num_points=2)
     with torch.no_grad():  # offsets and attention away from the init ring
         attn.sampling_offsets.weight.normal_(0, 0.5)
         attn.attention_weights.weight.normal_(0, 0.3)

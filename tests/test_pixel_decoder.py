@@ -95,7 +95,7 @@ def test_init():
     assert decoder.transformer.level_embed.std() > 0.5  # normal(0, 1), not the blanket xavier
     layer = decoder.transformer.encoder.layers[0]
     assert not layer.self_attn.sampling_offsets.weight.any()  # the attention's own init survives
-    assert layer.self_attn.sampling_offsets.bias.abs().max() == 4  # n_points steps along the ring
+    assert layer.self_attn.sampling_offsets.bias.abs().max() == 4  # num_points steps along the ring
 
 
 @pytest.mark.parametrize("height,width", [(64, 96), (70, 90)])

@@ -17,7 +17,7 @@ from mask2former.modeling.transformer_decoder import (
 )
 
 TINY = dict(
-    in_channels=24, num_classes=7, hidden_dim=32, num_queries=5, nheads=4, dim_feedforward=64, mask_dim=16
+    in_channels=24, num_classes=7, hidden_dim=32, num_queries=5, num_heads=4, dim_feedforward=64, mask_dim=16
 )
 LEVEL_SIZES = [(2, 3), (4, 6), (8, 12)]  # 1/32, 1/16, 1/8 of a 64x96 image
 MASK_SIZE = (16, 24)  # 1/4
@@ -86,7 +86,9 @@ def test_input_proj_only_when_channels_differ():
 
 def test_attention_and_ffn_matrices_are_xavier_initialised():
     torch.manual_seed(0)
-    decoder = MultiScaleMaskedTransformerDecoder(hidden_dim=64, nheads=4, dim_feedforward=128, dec_layers=2)
+    decoder = MultiScaleMaskedTransformerDecoder(
+        hidden_dim=64, num_heads=4, dim_feedforward=128, dec_layers=2
+    )
     weight = decoder.transformer_ffn_layers[0].linear1.weight  # xavier bound sqrt(6 / (64 + 128))
     bound = (6 / (64 + 128)) ** 0.5
     assert weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound

@@ -54,7 +54,7 @@ class TransformerDecoderConfig:
 
     hidden_dim: int = 256
     num_queries: int = 100
-    nheads: int = 8
+    num_heads: int = 8
     dim_feedforward: int = 2048
     dec_layers: int = 9
 
@@ -123,7 +123,13 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+# Keys written by earlier versions, read under their current names.
+_LEGACY_KEYS = {"TransformerDecoderConfig": {"nheads": "num_heads"}}
+
+
 def _section_from_dict(section: type, value: dict[str, Any]):
+    renames = _LEGACY_KEYS.get(section.__name__, {})
+    value = {renames.get(key, key): item for key, item in value.items()}
     known = {f.name: f for f in dataclasses.fields(section)}
     unknown = set(value) - set(known)
     if unknown:
@@ -248,7 +254,7 @@ def synth_tiny() -> ModelConfig:
             num_groups=8,
         ),
         decoder=TransformerDecoderConfig(
-            hidden_dim=64, num_queries=20, nheads=4, dim_feedforward=256, dec_layers=9
+            hidden_dim=64, num_queries=20, num_heads=4, dim_feedforward=256, dec_layers=9
         ),
         # The bundled weights read 128x128 scenes best enlarged 1.5x: the scale was chosen on a tuning set
         # of its own (README, "The bundled model"); the shapes then cover more cells of the 1/8 features.

@@ -284,13 +284,13 @@ def _infer_decoder(
             f"{source}: mask embedding of {mask_out} channels vs mask features of {pixel_decoder.mask_dim}"
         )
     # The official config uses one head count (MASK_FORMER.NHEADS) for both attentions.
-    nheads = base.decoder.nheads if base else pixel_decoder.num_heads
-    if hidden_dim % nheads:
-        raise CheckpointError(f"{source}: hidden dim {hidden_dim} does not split into {nheads} heads")
+    num_heads = base.decoder.num_heads if base else pixel_decoder.num_heads
+    if hidden_dim % num_heads:
+        raise CheckpointError(f"{source}: hidden dim {hidden_dim} does not split into {num_heads} heads")
     decoder = TransformerDecoderConfig(
         hidden_dim=hidden_dim,
         num_queries=num_queries,
-        nheads=nheads,
+        num_heads=num_heads,
         dim_feedforward=_shape(shapes, PRED + "transformer_ffn_layers.0.linear1.weight", source)[0],
         dec_layers=dec_layers,
     )

@@ -143,7 +143,7 @@ def config_from_hf(hf: dict, source: str) -> tuple[ModelConfig, list[str] | None
     decoder = TransformerDecoderConfig(
         hidden_dim=hidden_dim,
         num_queries=get("num_queries", 100),
-        nheads=heads,
+        num_heads=heads,
         dim_feedforward=get("dim_feedforward", 2048),
         dec_layers=get("decoder_layers", 10) - 1,  # HF counts DEC_LAYERS, the layers + 1
     )
@@ -197,8 +197,8 @@ def hf_config_from_ours(config: ModelConfig, target: str) -> dict:
         problems.append(f"GroupNorm with {groups} groups (transformers hard-codes 32)")
     if pd.num_points != HF_POINTS:
         problems.append(f"{pd.num_points} sampling points (transformers hard-codes 4)")
-    if pd.num_heads != dec.nheads:
-        problems.append(f"{pd.num_heads} pixel-decoder vs {dec.nheads} decoder heads (one setting in HF)")
+    if pd.num_heads != dec.num_heads:
+        problems.append(f"{pd.num_heads} pixel-decoder vs {dec.num_heads} decoder heads (one setting in HF)")
     if problems:
         raise CheckpointError(f"{target}: cannot export to Hugging Face: " + "; ".join(problems))
     if bb.kind == "swin":
@@ -216,7 +216,7 @@ def hf_config_from_ours(config: ModelConfig, target: str) -> dict:
         "encoder_feedforward_dim": pd.ffn_dim,
         "encoder_layers": pd.num_encoder_layers,
         "decoder_layers": dec.dec_layers + 1,
-        "num_attention_heads": dec.nheads,
+        "num_attention_heads": dec.num_heads,
         "dim_feedforward": dec.dim_feedforward,
         "num_queries": dec.num_queries,
     }

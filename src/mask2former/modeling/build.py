@@ -52,7 +52,7 @@ def build_model(config: ModelConfig) -> Mask2Former:
         num_classes=config.num_classes,
         hidden_dim=dec.hidden_dim,
         num_queries=dec.num_queries,
-        nheads=dec.nheads,
+        num_heads=dec.num_heads,
         dim_feedforward=dec.dim_feedforward,
         dec_layers=dec.dec_layers,
         mask_dim=pd.mask_dim,

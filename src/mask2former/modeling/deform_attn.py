@@ -183,17 +183,17 @@ def ms_deform_attn(
     return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
 
 
-def offset_grid(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
-    """Initial sampling offsets (n_heads, n_levels, n_points, 2), in pixels of each level.
+def offset_grid(num_heads: int, num_levels: int, num_points: int) -> torch.Tensor:
+    """Initial sampling offsets (num_heads, num_levels, num_points, 2), in pixels of each level.
 
-    Head h looks along the angle 2*pi*h/n_heads, the direction scaled so its larger component is 1
+    Head h looks along the angle 2*pi*h/num_heads, the direction scaled so its larger component is 1
     (a ring of 8 neighbours for 8 heads); point p sits p + 1 steps along it, on every level alike.
     """
-    angles = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    angles = torch.arange(num_heads, dtype=torch.float32) * (2.0 * math.pi / num_heads)
     directions = torch.stack((angles.cos(), angles.sin()), -1)
     directions = directions / directions.abs().amax(-1, keepdim=True)
-    distance = torch.arange(1, n_points + 1, dtype=torch.float32).view(1, 1, n_points, 1)
-    return directions.view(n_heads, 1, 1, 2) * distance.expand(1, n_levels, n_points, 1)
+    distance = torch.arange(1, num_points + 1, dtype=torch.float32).view(1, 1, num_points, 1)
+    return directions.view(num_heads, 1, 1, 2) * distance.expand(1, num_levels, num_points, 1)
 
 
 def locations_from_offsets(
@@ -220,16 +220,16 @@ class MSDeformAttn(nn.Module):
     value_proj, output_proj).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+    def __init__(self, d_model: int = 256, num_levels: int = 3, num_heads: int = 8, num_points: int = 4):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"MSDeformAttn: d_model {d_model} must be divisible by n_heads {n_heads}")
+        if d_model % num_heads:
+            raise ValueError(f"MSDeformAttn: d_model {d_model} must be divisible by num_heads {num_heads}")
         self.d_model = d_model
-        self.n_levels = n_levels
-        self.n_heads = n_heads
-        self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(d_model, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
@@ -238,7 +238,9 @@ class MSDeformAttn(nn.Module):
     def reset_parameters(self) -> None:
         """Official init: offsets start on a fixed per-head ring, attention starts uniform."""
         nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        self.sampling_offsets.bias.copy_(offset_grid(self.n_heads, self.n_levels, self.n_points).flatten())
+        self.sampling_offsets.bias.copy_(
+            offset_grid(self.num_heads, self.num_levels, self.num_points).flatten()
+        )
         nn.init.constant_(self.attention_weights.weight, 0.0)
         nn.init.constant_(self.attention_weights.bias, 0.0)
         nn.init.xavier_uniform_(self.value_proj.weight)
@@ -256,7 +258,7 @@ class MSDeformAttn(nn.Module):
         """query (B, Lq, C), reference_points (B, Lq, L, 2) as (x, y) in [0, 1], input_flatten (B, S, C),
         spatial_shapes [(H_l, W_l)] with S = sum H_l * W_l -> (B, Lq, C)."""
         batch, num_queries, _ = query.shape
-        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(input_flatten).view(batch, -1, heads, self.d_model // heads)
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)

@@ -25,10 +25,15 @@ class MSDeformAttnEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention then FFN, each with residual + LayerNorm."""
 
     def __init__(
-        self, d_model: int = 256, ffn_dim: int = 1024, n_levels: int = 3, n_heads: int = 8, n_points: int = 4
+        self,
+        d_model: int = 256,
+        ffn_dim: int = 1024,
+        num_levels: int = 3,
+        num_heads: int = 8,
+        num_points: int = 4,
     ):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
@@ -85,28 +90,28 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, batch: int, device: 
 class MSDeformAttnTransformerEncoderOnly(nn.Module):
     """Flattens the projected levels, adds level embeddings to their positions and runs the encoder.
 
-    Keys `level_embed` (n_levels, d_model) and `encoder.layers.{i}`; initialised as the official module.
+    Keys `level_embed` (num_levels, d_model) and `encoder.layers.{i}`; initialised as the official module.
     """
 
     def __init__(
         self,
         d_model: int = 256,
-        n_heads: int = 8,
+        num_heads: int = 8,
         num_encoder_layers: int = 6,
         ffn_dim: int = 1024,
-        n_levels: int = 3,
-        n_points: int = 4,
+        num_levels: int = 3,
+        num_points: int = 4,
     ):
         super().__init__()
         self.encoder = MSDeformAttnEncoder(
             num_encoder_layers,
             d_model=d_model,
             ffn_dim=ffn_dim,
-            n_levels=n_levels,
-            n_heads=n_heads,
-            n_points=n_points,
+            num_levels=num_levels,
+            num_heads=num_heads,
+            num_points=num_points,
         )
-        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
+        self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -168,7 +173,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         super().__init__()
         self.in_features = sorted(in_channels, key=feature_stride)
         self.transformer_in_features = sorted(transformer_in_features, key=feature_stride)
-        n_levels = len(self.transformer_in_features)
+        num_levels = len(self.transformer_in_features)
         # Projections run from the coarsest level (res5) down, as in the official module.
         self.input_proj = nn.ModuleList(
             nn.Sequential(
@@ -181,11 +186,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.constant_(proj[0].bias, 0)
         self.transformer = MSDeformAttnTransformerEncoderOnly(
             d_model=conv_dim,
-            n_heads=num_heads,
+            num_heads=num_heads,
             num_encoder_layers=num_encoder_layers,
             ffn_dim=ffn_dim,
-            n_levels=n_levels,
-            n_points=num_points,
+            num_levels=num_levels,
+            num_points=num_points,
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)

@@ -74,9 +74,9 @@ def _xavier_init_matrices(module: nn.Module) -> None:
 class CrossAttentionLayer(nn.Module):
     """Masked cross-attention from queries to one memory level, then residual + LayerNorm (post-norm)."""
 
-    def __init__(self, d_model: int, nhead: int):
+    def __init__(self, d_model: int, num_heads: int):
         super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0)
+        self.multihead_attn = nn.MultiheadAttention(d_model, num_heads, dropout=0.0)
         self.norm = nn.LayerNorm(d_model)
         _xavier_init_matrices(self)
 
@@ -96,9 +96,9 @@ class CrossAttentionLayer(nn.Module):
 class SelfAttentionLayer(nn.Module):
     """Self-attention among queries (q = k = tgt + query_pos, v = tgt), then residual + LayerNorm."""
 
-    def __init__(self, d_model: int, nhead: int):
+    def __init__(self, d_model: int, num_heads: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=0.0)
         self.norm = nn.LayerNorm(d_model)
         _xavier_init_matrices(self)
 
@@ -135,7 +135,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         num_classes: int = 133,
         hidden_dim: int = 256,
         num_queries: int = 100,
-        nheads: int = 8,
+        num_heads: int = 8,
         dim_feedforward: int = 2048,
         dec_layers: int = 9,
         mask_dim: int = 256,
@@ -144,16 +144,16 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.num_queries = num_queries
-        self.num_heads = nheads
+        self.num_heads = num_heads
         self.num_layers = dec_layers
         self.num_feature_levels = num_feature_levels
 
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2)
         self.transformer_self_attention_layers = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers)
+            SelfAttentionLayer(hidden_dim, num_heads) for _ in range(dec_layers)
         )
         self.transformer_cross_attention_layers = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, nheads) for _ in range(dec_layers)
+            CrossAttentionLayer(hidden_dim, num_heads) for _ in range(dec_layers)
         )
         self.transformer_ffn_layers = nn.ModuleList(
             FFNLayer(hidden_dim, dim_feedforward) for _ in range(dec_layers)
