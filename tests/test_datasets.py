@@ -17,7 +17,7 @@ from mask2former.data.datasets import (
     open_dataset,
     polygons_to_mask,
 )
-from mask2former.data.synth import SYNTH_META, generate
+from mask2former.data.synth import SYNTH_META
 from mask2former.fileio import id2rgb
 
 
@@ -88,10 +88,8 @@ def test_polygon_close_to_pycocotools():
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthds") / "set"
-    generate(root, 3, seed=11, size=(48, 64))
-    return root
+def synth_root(synth_dataset):
+    return synth_dataset(3, seed=11, size=(48, 64))
 
 
 def test_panoptic_reader_on_synth(synth_root):

@@ -12,14 +12,13 @@ import torch
 from mask2former.checkpoints.io import save_checkpoint
 from mask2former.cli import main
 from mask2former.config import get_preset
-from mask2former.data.synth import generate
 from mask2former.modeling.build import build_model
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory):
+def scene(tmp_path_factory, synth_dataset):
     root = tmp_path_factory.mktemp("evalmodel")
-    generate(root / "data", n=5, seed=3, size=(64, 64))
+    (root / "data").symlink_to(synth_dataset(5, seed=3))
     config = get_preset("synth-tiny")
     torch.manual_seed(0)
     model = build_model(config)

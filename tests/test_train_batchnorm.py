@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -13,9 +10,6 @@ from mask2former.cli import main
 from mask2former.modeling.build import build_model
 from mask2former.modeling.layers import FrozenBatchNorm2d
 from mask2former.training.batchnorm import frozen_state_dict, thaw_batchnorm
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import synth_data, tiny_model_config, write_tiny_config  # noqa: E402
 
 
 def _randomise_frozen_norms(model: nn.Module) -> None:
@@ -29,9 +23,9 @@ def _randomise_frozen_norms(model: nn.Module) -> None:
             module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
 
 
-def test_thawed_backbone_in_eval_mode_computes_what_the_frozen_one_does():
+def test_thawed_backbone_in_eval_mode_computes_what_the_frozen_one_does(tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_model_config()).eval()
+    model = build_model(tiny_config()).eval()
     _randomise_frozen_norms(model)
     frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
     images = torch.randn(2, 3, 64, 96)
@@ -44,9 +38,9 @@ def test_thawed_backbone_in_eval_mode_computes_what_the_frozen_one_does():
     torch.testing.assert_close(after["pred_logits"], before["pred_logits"], rtol=0, atol=1e-5)
 
 
-def test_trained_batchnorm_statistics_reload_into_the_frozen_architecture():
+def test_trained_batchnorm_statistics_reload_into_the_frozen_architecture(tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_model_config())
+    model = build_model(tiny_config())
     thaw_batchnorm(model.backbone)
     model.train()
     with torch.no_grad():  # train-mode forwards update the running statistics
@@ -56,7 +50,7 @@ def test_trained_batchnorm_statistics_reload_into_the_frozen_architecture():
     assert all(int(m.num_batches_tracked) == 3 for m in norms)
     assert any(not torch.allclose(m.running_mean, torch.zeros_like(m.running_mean)) for m in norms)
 
-    frozen = build_model(tiny_model_config()).eval()
+    frozen = build_model(tiny_config()).eval()
     state = frozen_state_dict(model.state_dict())
     assert not any(key.endswith("num_batches_tracked") for key in state)
     frozen.load_state_dict(state, strict=True)
@@ -66,9 +60,11 @@ def test_trained_batchnorm_statistics_reload_into_the_frozen_architecture():
     torch.testing.assert_close(got["pred_masks"], expected["pred_masks"], rtol=0, atol=1e-5)
 
 
-def test_train_cli_with_backbone_bn_saves_a_frozen_model_that_loads(tmp_path, capsys):
-    data = synth_data(tmp_path / "synth", 4)
-    config = write_tiny_config(tmp_path / "tiny.json")
+def test_train_cli_with_backbone_bn_saves_a_frozen_model_that_loads(
+    synth_dataset, tiny_config_file, tmp_path, capsys
+):
+    data = synth_dataset(4)
+    config = tiny_config_file
     out = tmp_path / "out"
     args = ["train", "--config", str(config), "--data", str(data), "--out", str(out), "--no-progress"]
     args += ["--iters", "3", "--batch-size", "2", "--augment", "none", "--num-points", "256"]

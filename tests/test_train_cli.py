@@ -20,20 +20,17 @@ import mask2former
 from mask2former.cli import main
 from mask2former.training.plot import read_metrics
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import synth_data, write_tiny_config  # noqa: E402
-
 TIMEOUT = 180
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synth_data(tmp_path_factory.mktemp("synth"), 5)
+def data(synth_dataset) -> Path:
+    return synth_dataset(5)
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
-    return write_tiny_config(tmp_path_factory.mktemp("config") / "tiny.json")
+def config(tiny_config_file) -> Path:
+    return tiny_config_file
 
 
 def _train_args(config: Path, data: Path, out: Path, *extra: str) -> list[str]:

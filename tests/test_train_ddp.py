@@ -19,9 +19,6 @@ import torch
 
 from mask2former.training import distributed as dist_utils
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import make_trainer, synth_data, write_tiny_config  # noqa: E402
-
 GLOBAL_BATCH = 4
 TIMEOUT = 180
 
@@ -39,7 +36,9 @@ def _free_port() -> int:
 
 def save_first_batch_gradients(data: Path, out: Path) -> None:
     """The worker: gradients of this process's first batch after backward (DDP-averaged), before clipping."""
-    trainer = make_trainer(data, out, batch_size=GLOBAL_BATCH)
+    from conftest import tiny_trainer  # run as a script from tests/, where conftest.py is importable
+
+    trainer = tiny_trainer(data, out, batch_size=GLOBAL_BATCH)
     batch = next(iter(trainer._loader(0, 0)))
     loss, _ = trainer.compute_gradients(batch)
     grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
@@ -52,12 +51,12 @@ def save_first_batch_gradients(data: Path, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synth_data(tmp_path_factory.mktemp("synth"), 6)
+def data(synth_dataset) -> Path:
+    return synth_dataset(6)
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_gradient_of_the_doubled_batch(data, tmp_path):
+def test_two_processes_give_the_gradient_of_the_doubled_batch(data, make_trainer, tmp_path):
     port = str(_free_port())
     workers = [
         subprocess.Popen(
@@ -109,8 +108,8 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_torchrun_training_completes_and_only_rank_0_writes(data, tmp_path):
-    config = write_tiny_config(tmp_path / "config.json")
+def test_torchrun_training_completes_and_only_rank_0_writes(data, make_trainer, tiny_config_file, tmp_path):
+    config = tiny_config_file
     out = tmp_path / "out"
     common = ["--config", str(config), "--data", str(data), "--augment", "none", "--num-points", "256"]
     result = _torchrun(

@@ -1,77 +1,24 @@
 """The Trainer on a tiny model and 64x64 synthetic scenes: it learns, it is deterministic, it resumes.
 
-`tiny_model_config` and `synth_data` are shared with test_train_ddp.py and test_train_cli.py.
+The tiny config, datasets and `make_trainer` come from conftest.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from mask2former.config import get_preset
-from mask2former.data.datasets import open_dataset
-from mask2former.data.synth import generate
-from mask2former.training.trainer import TrainConfig, Trainer
-
-IMAGE_SIZE = (64, 64)
-
-
-def tiny_model_config():
-    """synth-tiny shrunk further (~110k parameters): one step on a 64x64 image takes ~20 ms on one core."""
-    config = get_preset("synth-tiny")
-    config.name = "synth-test"
-    backbone = config.backbone
-    backbone.res2_channels, backbone.stem_channels, backbone.layers = 16, 16, (1, 1, 2, 1)
-    pd = config.pixel_decoder
-    pd.conv_dim, pd.mask_dim, pd.num_encoder_layers, pd.ffn_dim = 32, 32, 1, 64
-    dec = config.decoder
-    dec.hidden_dim, dec.num_queries, dec.dec_layers, dec.dim_feedforward = 32, 10, 3, 64
-    return config
-
-
-def write_tiny_config(path: Path) -> Path:
-    path.write_text(json.dumps(tiny_model_config().to_dict()))
-    return path
-
-
-def synth_data(folder: Path, n: int) -> Path:
-    generate(folder, n, seed=0, size=IMAGE_SIZE)
-    return folder
-
-
-def tiny_train_config(**overrides) -> TrainConfig:
-    settings = dict(
-        max_iters=10,
-        batch_size=2,
-        lr=1e-3,
-        backbone_multiplier=1.0,
-        augment="none",
-        num_points=256,
-        checkpoint_every=1000,
-        log_every=1,
-    )
-    return TrainConfig(**(settings | overrides))
-
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synth_data(tmp_path_factory.mktemp("synth"), 5)
+def data(synth_dataset) -> Path:
+    return synth_dataset(5)
 
 
-def make_trainer(data: Path, out: Path, **overrides) -> Trainer:
-    return Trainer(
-        tiny_model_config(), tiny_train_config(**overrides), open_dataset(data), out, show_progress=False
-    )
-
-
-def test_overfits_one_image(tmp_path):
+def test_overfits_one_image(synth_dataset, make_trainer, tmp_path):
     """One image, no augmentation, constant lr 1e-3: the loss falls 10x within 150 steps (~3 s)."""
-    trainer = make_trainer(
-        synth_data(tmp_path / "one", 1), tmp_path / "out", batch_size=1, schedule="step", max_iters=150
-    )
+    trainer = make_trainer(synth_dataset(1), tmp_path / "out", batch_size=1, schedule="step", max_iters=150)
     batch = next(iter(trainer._loader(0, 0)))
     first = trainer.train_step(batch)["loss"]
     losses = [first]
@@ -81,7 +28,7 @@ def test_overfits_one_image(tmp_path):
     assert all(abs(record) < 1e6 for record in losses)
 
 
-def test_same_seed_same_weights_and_records(data, tmp_path):
+def test_same_seed_same_weights_and_records(data, make_trainer, tmp_path):
     runs = []
     for name in ("a", "b"):
         trainer = make_trainer(data, tmp_path / name, max_iters=3)
@@ -93,7 +40,7 @@ def test_same_seed_same_weights_and_records(data, tmp_path):
     assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
 
 
-def test_compute_gradients_fills_every_parameter_unclipped(data, tmp_path):
+def test_compute_gradients_fills_every_parameter_unclipped(data, make_trainer, tmp_path):
     trainer = make_trainer(data, tmp_path)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     loss, losses = trainer.compute_gradients(next(iter(trainer._loader(0, 0))))
@@ -107,7 +54,7 @@ def test_compute_gradients_fills_every_parameter_unclipped(data, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # no optimiser step
 
 
-def test_items_do_not_depend_on_the_number_of_loader_workers(data, tmp_path):
+def test_items_do_not_depend_on_the_number_of_loader_workers(data, make_trainer, tmp_path):
     trainer = make_trainer(data, tmp_path, augment="lsj", crop_size=64, min_scale=0.5, max_scale=1.5)
     serial = list(trainer._loader(1, 0))
     trainer.config.num_workers = 2
@@ -124,7 +71,7 @@ def test_items_do_not_depend_on_the_number_of_loader_workers(data, tmp_path):
     assert torch.equal(trainer.items[(1, 0)]["image"], trainer.items[(1, 0)]["image"])
 
 
-def test_resume_restores_step_optimizer_and_continues_identically(data, tmp_path):
+def test_resume_restores_step_optimizer_and_continues_identically(data, make_trainer, tmp_path):
     """Train 3 steps (checkpoint), resume in a fresh Trainer, train both to 6: identical weights."""
     out = tmp_path / "out"
     first = make_trainer(data, out, max_iters=3, checkpoint_every=3, schedule="poly")
@@ -153,7 +100,7 @@ def test_resume_restores_step_optimizer_and_continues_identically(data, tmp_path
     assert all(torch.equal(v, weights[k]) for k, v in first.model.state_dict().items())
 
 
-def test_resume_takes_this_runs_learning_rate_and_decay(data, tmp_path):
+def test_resume_takes_this_runs_learning_rate_and_decay(data, make_trainer, tmp_path):
     out = tmp_path / "out"
     make_trainer(data, out, max_iters=2, checkpoint_every=2).train()
     resumed = make_trainer(data, out, max_iters=2, lr=5e-5, weight_decay=0.01)
@@ -164,6 +111,6 @@ def test_resume_takes_this_runs_learning_rate_and_decay(data, tmp_path):
     assert resumed.optimizer.state  # the AdamW moments still come from the checkpoint
 
 
-def test_rejects_a_dataset_smaller_than_a_batch(tmp_path):
+def test_rejects_a_dataset_smaller_than_a_batch(synth_dataset, make_trainer, tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
-        make_trainer(synth_data(tmp_path / "one", 1), tmp_path / "out", batch_size=2)
+        make_trainer(synth_dataset(1), tmp_path / "out", batch_size=2)
