@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--reuse-memory",
         action="store_true",
-        help="time with glibc keeping freed memory for reuse (speed.set_allocator('reuse')): no page faults "
+        help="time with glibc keeping freed memory for reuse (profiling.set_allocator('reuse')): no page faults "
         "for large tensors, resident memory stays at its peak",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
