@@ -389,7 +389,7 @@ def test_preset_supplies_sizes_not_visible_in_shapes(tmp_path):
     path = write_official(build_model(config).state_dict(), config, tmp_path / "model.pkl")
     guessed = convert_to_ours(path)
     assert guessed.config.pixel_decoder.num_groups == 32 and guessed.config.decoder.num_heads == 4
-    assert any("pass --preset" in note for note in guessed.notes)
+    assert any("name a preset" in note for note in guessed.notes)
     told = convert_to_ours(path, preset="synth-tiny")
     assert told.config.pixel_decoder == config.pixel_decoder and told.config.decoder == config.decoder
 

@@ -119,7 +119,7 @@ def _from_detectron2(path: Path, preset: str | None) -> Converted:
         if arch_base is None:
             notes.append(
                 "sizes not stored in the weights assumed as in the official configs (GroupNorm 32 groups, "
-                "decoder heads = pixel-decoder heads, 4 sampling points); pass --preset to choose"
+                "decoder heads = pixel-decoder heads, 4 sampling points); name a preset to choose"
             )
     arch = detectron2.infer_config(state, source, arch_base)
     converted = Converted(arch, state, "detectron2", notes)
@@ -197,7 +197,7 @@ def _complete(
         config = _generic_metadata(config, names or [f"class_{i}" for i in range(num_classes)])
         converted.warnings.append(
             f"no preset has these {num_classes} classes: {label}, every class treated as a thing; "
-            "pass --preset (preset=) or edit the converted config.json"
+            "name a preset or edit the converted config.json"
         )
     if not (settings is not None and _same_architecture(config, settings) and meta is settings):
         config.name = "custom"

@@ -165,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         )
     except ValueError as error:
-        raise UserError(str(error)) from None
+        from mask2former.cli import flag_error
+
+        raise flag_error(error, ("batch_size",)) from None
     if trainer.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         saved_config.write_text(

@@ -112,7 +112,7 @@ def fix_input_shape(model, height: int, width: int, batch: int = 1):
     for axis, value in ((0, batch), (2, height), (3, width)):
         if dims[axis].HasField("dim_value") and dims[axis].dim_value != value:
             raise ExportError(
-                f"the graph's input is fixed at {_dims(graph_input)}; drop --size or pass its own size"
+                f"the graph's input is fixed at {_dims(graph_input)}; give no size or its own size"
             )
         dims[axis].Clear()
         dims[axis].dim_value = value

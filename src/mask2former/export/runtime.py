@@ -129,7 +129,7 @@ class OnnxRunner:
             if _is_static(want) and images.shape[axis] != want:
                 raise ValueError(
                     f"{self.path}: this graph was exported for {name} {want}, got {images.shape[axis]} "
-                    "(pre-process in deploy mode at the exported size, or export with --dynamic)"
+                    "(pre-process in deploy mode at the exported size, or export a dynamic graph)"
                 )
 
 

@@ -180,7 +180,7 @@ class Trainer:
         self.rank, self.world_size = dist_utils.init_from_environment(train_config.device)
         if train_config.batch_size % self.world_size:
             raise ValueError(
-                f"--batch-size {train_config.batch_size} is not divisible by {self.world_size} processes"
+                f"batch_size {train_config.batch_size} is not divisible by {self.world_size} processes"
             )
         self.local_batch = train_config.batch_size // self.world_size
         self.device = torch.device(train_config.device)
