@@ -40,8 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--reuse-memory",
         action="store_true",
-        help="time with glibc keeping freed memory for reuse (profiling.set_allocator('reuse')): no page faults "
-        "for large tensors, resident memory stays at its peak",
+        help="time with glibc keeping freed memory for reuse (profiling.set_allocator('reuse')): "
+        "no page faults for large tensors, resident memory stays at its peak",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
