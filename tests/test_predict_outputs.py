@@ -1,4 +1,4 @@
-"""What `predict` writes loads as it is: thresholds, integer COCO ids, pycocotools, PQ and mIoU round trips."""
+"""What `predict` writes loads as it is: thresholds, integer COCO ids, pycocotools, PQ / mIoU round trips."""
 
 from __future__ import annotations
 

@@ -229,9 +229,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    if rank == "0" and summary.failed and os.environ.get("WORLD_SIZE", "1") != "1":
-        for line in summary.failed:
-            print(f"mask2former predict: skipped: {line}", file=sys.stderr)
     print(f"segmented {finished} of {summary.total} images ({task}); results in {out.resolve()}")
     if not predictor.trained:
         print("note: the model had random weights; train one or pass --weights for real results")
