@@ -171,3 +171,28 @@ def test_torchrun_shards_the_images_with_outputs_identical_to_one_process(scenes
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipping 24 images finished by the earlier run" in again.stdout and "->" not in again.stdout
     _same_outputs(out, reference)
+
+
+def test_the_folder_files_are_merged_every_few_images(scenes, tmp_path, monkeypatch):
+    import mask2former
+    from mask2former.outputs.folder import predict_folder
+    from mask2former.outputs.inputs import plan_inputs
+    from mask2former.writers import PredictionWriter
+
+    images, _ = plan_inputs([str(p) for p in sorted((scenes / "images").iterdir())[:5]])
+    predictor = mask2former.load()
+    writer = PredictionWriter(tmp_path / "out", predictor.config, "panoptic", pictures=False)
+    merged: list[int] = []
+    original = PredictionWriter.merge
+
+    def counting(self, records):
+        records = list(records)
+        merged.append(len(records))
+        return original(self, records)
+
+    monkeypatch.setattr(PredictionWriter, "merge", counting)
+    summary = predict_folder(predictor, images, writer, {"task": "panoptic"}, merge_every=2, progress=False)
+    assert summary.done == 5 and not summary.failed
+    assert merged[-1] == 5 and merged[0] == 2 and len(merged) >= 2  # after 2 images, then at the end
+    document = json.loads((tmp_path / "out" / "panoptic.json").read_text())
+    assert [image["id"] for image in document["images"]] == [1, 2, 3, 4, 5]  # 1..N without ground truth
