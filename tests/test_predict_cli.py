@@ -56,7 +56,7 @@ def test_predict_writes_pictures_and_standard_files(inputs, tmp_path, capsys, ta
     else:
         results = json.loads((out / "instances.json").read_text())
         assert all({"image_id", "category_id", "segmentation", "score", "bbox"} <= set(r) for r in results)
-    assert not [p for p in out.rglob(".*")]  # no temp files left behind
+    assert not list(out.rglob("*.tmp")) and not (out / ".predict.lock").exists()  # no temp files, no lock
 
 
 def test_predict_glob_and_batch(inputs, tmp_path, capsys):

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from mask2former import rle
 from mask2former.config import ModelConfig
 from mask2former.data.catalog import DatasetMeta
-from mask2former.formats import (
-    instances_to_coco,
-    write_json,
-    write_panoptic,
-    write_panoptic_json,
-    write_semantic_png,
-)
+from mask2former.fileio import write_json
+from mask2former.formats import instances_to_coco, write_panoptic, write_panoptic_json, write_semantic_png
 from mask2former.inference.predictor import Prediction
+from mask2former.outputs.inputs import InputImage
+from mask2former.results import InstanceResult
 from mask2former.visualize import draw_instances, draw_panoptic, draw_semantic, save_image
 
 
@@ -50,43 +51,68 @@ def draw_prediction(prediction: Prediction, meta: DatasetMeta):
 
 
 class PredictionWriter:
-    """Writes one prediction at a time; `finish()` writes the files that cover all images."""
+    """Writes one image's files at a time, returning its record; `merge(records)` writes the folder's files.
 
-    def __init__(self, out_dir: Path, config: ModelConfig, task: str, pictures: bool = True):
+    Layout in `out_dir` (image STEM):
+      STEM.<task>.png            overlay picture (unless pictures=False)
+      semantic/STEM.png          contiguous class index 0..K-1 per pixel (the model's classes, 255 free for
+                                 "ignore"); semantic.json names the classes and their dataset ids
+      panoptic/STEM.png          COCO panoptic PNG; panoptic.json: COCO panoptic (images, annotations,
+                                 categories)
+      instances.json             COCO results list (loadRes / COCOeval); coco_dataset.json: a COCO dataset
+                                 (images, categories, annotations with RLE masks and scores) for import tools
+    `categories[k]`: the COCO category of model class k (`outputs.inputs.output_categories`), None for a
+    class the files have no id for (its instances are left out).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        config: ModelConfig,
+        task: str,
+        categories: Sequence[dict | None] | None = None,
+        pictures: bool = True,
+    ):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.meta = meta_from_config(config)
         self.task = task
         self.pictures = pictures
-        self.panoptic_annotations: list[dict] = []
-        self.instance_results: list[dict] = []
-        self.images: list[dict] = []
+        self.categories = list(categories) if categories is not None else default_categories(self.meta)
 
-    def write(self, stem: str, file_name: str, prediction: Prediction) -> Path:
-        """Write the picture and per-image files of one prediction; returns the picture's path."""
-        result, image, meta = prediction.result, prediction.image, self.meta
+    def write(self, image: InputImage, prediction: Prediction) -> dict:
+        """Write the per-image files of one prediction; returns its record (JSON-ready)."""
+        result, meta = prediction.result, self.meta
+        height, width = prediction.image.shape[:2]
+        entry = {"id": image.image_id, "file_name": image.file_name, "height": height, "width": width}
+        record: dict = {"index": image.index, "stem": image.stem, "image": entry, "files": []}
         if self.task == "semantic":
             (self.out_dir / "semantic").mkdir(exist_ok=True)
-            main = self.out_dir / "semantic" / f"{stem}.png"
-            write_semantic_png(main, result.class_map, meta.category_ids)
+            write_semantic_png(self.out_dir / "semantic" / f"{image.stem}.png", result.class_map)
+            record["files"].append(f"semantic/{image.stem}.png")
         elif self.task == "panoptic":
             (self.out_dir / "panoptic").mkdir(exist_ok=True)
-            main = self.out_dir / "panoptic" / f"{stem}.png"
-            # COCO panoptic: the annotation names the PNG; the "images" entry names the photo
-            annotation = write_panoptic(main, None, result, image_id=stem, category_ids=meta.category_ids)
-            self.panoptic_annotations.append(annotation)
-            height, width = image.shape[:2]
-            self.images.append({"id": stem, "file_name": file_name, "height": height, "width": width})
+            png = self.out_dir / "panoptic" / f"{image.stem}.png"
+            annotation = write_panoptic(png, None, result, image.image_id, category_ids=self._ids())
+            record["segments_info"] = annotation["segments_info"]
+            record["files"].append(f"panoptic/{png.name}")
         else:
-            self.instance_results.extend(
-                instances_to_coco(result, image_id=stem, category_ids=meta.category_ids)
+            keep = np.array([self.categories[int(c)] is not None for c in result.classes], dtype=bool)
+            kept = InstanceResult(
+                result.masks[keep], result.classes[keep], result.scores[keep], result.boxes[keep]
             )
-            main = self.out_dir / "instances.json"
-        if not self.pictures:
-            return main
-        picture_path = self.out_dir / f"{stem}.{self.task}.png"
-        save_image(draw_prediction(prediction, meta), picture_path)
-        return picture_path
+            results = instances_to_coco(kept, image.image_id, self._ids())
+            for item in results:
+                item["area"] = int(rle.area(item["segmentation"])[0])
+            record["results"] = results
+        if self.pictures:
+            picture = f"{image.stem}.{self.task}.png"
+            save_image(draw_prediction(prediction, meta), self.out_dir / picture)
+            record["files"].append(picture)
+        return record
+
+    def _ids(self) -> list[int]:
+        """Dataset id per model class (-1 for a class without one: its results never reach the files)."""
+        return [c["id"] if c is not None else -1 for c in self.categories]
 
     def summary(self, prediction: Prediction) -> str:
         """'3 segments: 2 cat, sky' style one-line description of a result."""
@@ -104,22 +130,65 @@ class PredictionWriter:
         listed = ", ".join(f"{n} {name}" if n > 1 else name for name, n in counts.most_common())
         return f"{len(labels)} {kind}" + (f": {listed}" if listed else "")
 
-    def finish(self) -> None:
-        """Write the whole-folder files: panoptic.json (COCO panoptic) or instances.json (COCO results)."""
-        meta = self.meta
+    def merge(self, records: Iterable[dict]) -> list[Path]:
+        """Write the whole-folder files from image records (in index order), each atomically."""
+        records = sorted(records, key=lambda r: r["index"])
+        images = [r["image"] for r in records]
+        categories = [c for c in self.categories if c is not None]
         if self.task == "panoptic":
-            categories = [
-                {"id": cid, "name": name, "isthing": int(thing), "color": list(color) if color else None}
-                for cid, name, thing, color in zip(
-                    meta.category_ids,
-                    meta.class_names,
-                    meta.thing_classes,
-                    meta.colors or [None] * len(meta.class_names),
-                    strict=True,
-                )
+            annotations = [
+                {
+                    "image_id": r["image"]["id"],
+                    "file_name": f"{r['stem']}.png",
+                    "segments_info": r["segments_info"],
+                }
+                for r in records
             ]
-            write_panoptic_json(
-                self.out_dir / "panoptic.json", self.panoptic_annotations, categories, images=self.images
-            )
-        elif self.task == "instance":
-            write_json(self.out_dir / "instances.json", self.instance_results)
+            return [
+                write_panoptic_json(self.out_dir / "panoptic.json", annotations, categories, images=images)
+            ]
+        if self.task == "semantic":
+            classes = [
+                {"index": k, **c} if c is not None else {"index": k, "name": name}
+                for k, (c, name) in enumerate(zip(self.categories, self.meta.class_names, strict=True))
+            ]
+            document = {
+                "label_convention": SEMANTIC_CONVENTION,
+                "classes": classes,
+                "images": [{**r["image"], "label_file": f"semantic/{r['stem']}.png"} for r in records],
+            }
+            return [write_json(self.out_dir / "semantic.json", document)]
+        results = [{k: v for k, v in item.items() if k != "area"} for r in records for item in r["results"]]
+        annotations = [
+            {**item, "id": n, "iscrowd": 0}
+            for n, item in enumerate((item for r in records for item in r["results"]), start=1)
+        ]
+        dataset = {"images": images, "categories": categories, "annotations": annotations}
+        return [
+            write_json(self.out_dir / "instances.json", results),
+            write_json(self.out_dir / "coco_dataset.json", dataset),
+        ]
+
+
+SEMANTIC_CONVENTION = (
+    "contiguous class index 0..K-1 of the model's classes per pixel (detectron2 sem_seg); 255 = ignore"
+)
+WHOLE_FOLDER_FILES = {
+    "panoptic": ("panoptic.json",),
+    "semantic": ("semantic.json",),
+    "instance": ("instances.json", "coco_dataset.json"),
+}
+
+
+def default_categories(meta: DatasetMeta) -> list[dict]:
+    """The model's own COCO categories (no ground truth): its category ids, names, thing flags, colours."""
+    return [
+        {"id": int(cid), "name": name, "isthing": int(thing), "color": list(color) if color else None}
+        for cid, name, thing, color in zip(
+            meta.category_ids,
+            meta.class_names,
+            meta.thing_classes,
+            meta.colors or [None] * len(meta.class_names),
+            strict=True,
+        )
+    ]

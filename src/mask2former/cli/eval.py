@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     metrics = {"task": args.task, **metrics}
     print(format_table(args.task, metrics, per_class=args.per_class))
+    for warning in metrics.get("warnings", []):
+        print(f"mask2former eval: warning: {warning}", file=sys.stderr)
     if args.out is not None:
         print(f"wrote {write_metrics(args.out, metrics)}")
     return 0

@@ -1,19 +1,24 @@
-"""`mask2former predict`: segment files, folders and globs; write pictures and standard-format results.
+"""`mask2former predict`: segment files, folders, globs or a dataset; write pictures and standard files.
 
-Output layout in --out DIR, per image STEM:
+Output layout in --out DIR, per image STEM (see `mask2former.writers.PredictionWriter`):
   DIR/STEM.<task>.png              overlay picture (coloured masks with class names)
-  semantic: DIR/semantic/STEM.png  class-index PNG (dataset category ids when the dataset has them)
+  semantic: DIR/semantic/STEM.png  contiguous class index 0..K-1 per pixel; DIR/semantic.json names them
   panoptic: DIR/panoptic/STEM.png  COCO panoptic PNG, and DIR/panoptic.json for all images
-  instance: DIR/instances.json     COCO results (RLE masks) for all images
+  instance: DIR/instances.json     COCO results (RLE masks) and DIR/coco_dataset.json (a COCO dataset)
+Image ids are integers (the ground truth's with --gt-json or a dataset folder, else 1..N). Finished images
+are journaled in DIR/.predict-journal, so --resume continues a stopped run; under torchrun the images are
+sharded over the processes (`mask2former.outputs.folder`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from mask2former.cli import UserError
+from mask2former.inference.predictor import DEFAULT_SCORE_THRESHOLD
 
 
 def register(subparsers) -> None:
@@ -46,6 +51,36 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-picture", action="store_true", help="skip the overlay pictures")
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESHOLD,
+        help=f"instance task: drop instances scoring below this (default {DEFAULT_SCORE_THRESHOLD}, as "
+        "detectron2's demo; 0 keeps the official top-100 list that `eval` scores)",
+    )
+    parser.add_argument(
+        "--object-threshold",
+        type=float,
+        default=None,
+        help="panoptic task: keep queries whose class probability exceeds this (default: the model's, 0.8)",
+    )
+    parser.add_argument(
+        "--overlap-threshold",
+        type=float,
+        default=None,
+        help="panoptic task: drop segments keeping less than this share of their mask "
+        "(default: the model's, 0.8)",
+    )
+    parser.add_argument(
+        "--gt-json",
+        default=None,
+        help="COCO JSON (panoptic or instances) the inputs belong to: files take its image and category ids",
+    )
+    state = parser.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true", help="continue a stopped run into the same --out")
+    state.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --out"
+    )
     add_scale_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -106,61 +141,95 @@ def describe(predictor) -> str:
     return f"model {config.name} ({config.num_classes} classes) from {predictor.source}: {state}"
 
 
-def _unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
-    for path in paths:
-        stem = path.stem
-        count = seen.get(stem, 0)
-        seen[stem] = count + 1
-        stems.append(stem if count == 0 else f"{stem}_{count}")
-    return stems
+def _thresholds(args: argparse.Namespace) -> dict:
+    """The post-processing overrides of --score-threshold / --object-threshold / --overlap-threshold."""
+    given = {
+        "score_threshold": ("--score-threshold", args.score_threshold),
+        "object_mask_threshold": ("--object-threshold", args.object_threshold),
+        "overlap_threshold": ("--overlap-threshold", args.overlap_threshold),
+    }
+    for flag, value in given.values():
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UserError(f"{flag} {value}: must be between 0 and 1")
+    return {name: value for name, (_, value) in given.items() if value is not None}
+
+
+def _needed_classes(predictor, task: str) -> list[bool]:
+    """Which model classes the task can output (an instance task of a panoptic model gives things only)."""
+    from mask2former.inference.postprocess import PostprocessSettings
+
+    things = PostprocessSettings.from_config(predictor.config, task).thing_classes
+    if task == "instance" and things is not None:
+        return list(things)
+    return [True] * predictor.config.num_classes
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from mask2former.data.image_io import ImageReadError, list_images, load_image
-    from mask2former.writers import PredictionWriter
+    from mask2former.cli import flag_error
+    from mask2former.outputs.folder import predict_folder
+    from mask2former.outputs.inputs import InputError, digest, output_categories, plan_inputs
+    from mask2former.outputs.journal import FolderError
+    from mask2former.writers import PredictionWriter, meta_from_config
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    thresholds = _thresholds(args)
     try:
-        paths = list_images(args.inputs)
-    except (ImageReadError, ValueError, FileNotFoundError) as error:
-        raise UserError(str(error)) from None
-    if not paths:
-        raise UserError(f"no images found in {' '.join(args.inputs)}")
+        images, gt = plan_inputs(args.inputs, args.gt_json)
+    except InputError as error:
+        raise flag_error(error, ("gt_json",)) from None
     predictor = make_predictor(args.weights, args.preset, args.device, args.backend)
     apply_scale_arguments(predictor, args.short_edge, args.max_size)
     task = args.task or predictor.config.task
-    print(describe(predictor))
-    writer = PredictionWriter(Path(args.out), predictor.config, task, pictures=not args.no_picture)
-    failures = 0
-    stems = _unique_stems(paths)
-    progress = tqdm(total=len(paths), unit="img", disable=len(paths) <= 1, file=sys.stderr)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = list(
-            zip(paths[start : start + args.batch_size], stems[start : start + args.batch_size], strict=True)
+    try:
+        categories = output_categories(
+            meta_from_config(predictor.config), gt, _needed_classes(predictor, task)
         )
-        loaded = []
-        for path, stem in chunk:
-            try:
-                loaded.append((path, stem, load_image(path)))
-            except ImageReadError as error:
-                failures += 1
-                tqdm.write(f"mask2former predict: skipped: {error}", file=sys.stderr)
-                progress.update(1)
-        if loaded:
-            predictions = predictor.predict_batch([image for _, _, image in loaded], task)
-            for (path, stem, _), prediction in zip(loaded, predictions, strict=True):
-                written = writer.write(stem, path.name, prediction)
-                tqdm.write(f"{path}: {writer.summary(prediction)} -> {written}")
-                progress.update(1)
-    progress.close()
-    writer.finish()
-    done = len(paths) - failures
-    print(f"segmented {done} of {len(paths)} images ({task}); results in {Path(args.out).resolve()}")
+    except InputError as error:
+        raise flag_error(error, ("gt_json",)) from None
+    out = Path(args.out)
+    writer = PredictionWriter(out, predictor.config, task, categories, pictures=not args.no_picture)
+    run_description = {
+        "task": task,
+        "images": len(images),
+        "inputs": digest(images),
+        "weights": predictor.source,
+        "input_size": [predictor.config.input.short_edge, predictor.config.input.max_size],
+        **{
+            name: thresholds.get(name)
+            for name in ("score_threshold", "object_mask_threshold", "overlap_threshold")
+        },
+        "ground_truth": str(gt.path.resolve()) if gt is not None else None,
+        "pictures": not args.no_picture,
+    }
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(describe(predictor))
+    try:
+        summary = predict_folder(
+            predictor,
+            images,
+            writer,
+            run_description,
+            batch_size=args.batch_size,
+            thresholds=thresholds,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+        )
+    except FolderError as error:
+        raise flag_error(error, ("out",)) from None
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    finished = summary.done_before + summary.done
+    if summary.interrupted:
+        print(
+            f"interrupted: {finished} of {summary.total} images are in {out.resolve()}; "
+            "rerun with --resume to continue",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"segmented {finished} of {summary.total} images ({task}); results in {out.resolve()}")
     if not predictor.trained:
         print("note: the model had random weights; train one or pass --weights for real results")
-    return 1 if failures else 0
+    return 1 if summary.failed else 0

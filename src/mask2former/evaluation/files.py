@@ -176,7 +176,39 @@ def evaluate_semantic_files(
             evaluator.update(
                 read_labels(pred_path), read_labels(gt_path), where=(str(pred_path), str(gt_path))
             )
-    return evaluator.compute()
+    warnings = _check_label_agreement(evaluator, pred_dir, gt_dir)
+    return {**evaluator.compute(), **({"warnings": warnings} if warnings else {})}
+
+
+def _check_label_agreement(evaluator: SemanticEvaluator, pred_dir: Path, gt_dir: Path) -> list[str]:
+    """Refuse files where no scored pixel agrees, and warn where relabelling would make most pixels agree:
+    that is two label conventions (dataset category ids vs contiguous indices, ADE20K's 1..150 vs
+    0..149), not a model, and mIoU 0.00 would hide it. Returns the warnings."""
+    k = evaluator.num_classes
+    confusion = evaluator.confusion[:k, :k]
+    total = int(confusion.sum())
+    if total == 0:
+        return []
+    predicted = [int(c) for c in (confusion.sum(1) > 0).nonzero()[0]]
+    truth = [int(c) for c in (confusion.sum(0) > 0).nonzero()[0]]
+    convention = (
+        "both must use one label convention, contiguous class indices 0..N-1 as `mask2former predict` writes"
+    )
+    if confusion.trace() == 0:
+        raise EvaluationError(
+            f"{pred_dir}: no pixel agrees with {gt_dir} (predicted labels {_few(predicted)}, ground truth "
+            f"{_few(truth)}): {convention}"
+        )
+    best = int(confusion.max(1).sum())  # pixels right if each predicted label were renamed to its best match
+    if best >= 0.9 * total and confusion.trace() <= 0.5 * best:
+        pairs = [(int(p), int(confusion[p].argmax())) for p in predicted if confusion[p].argmax() != p]
+        shown = ", ".join(f"{p}->{g}" for p, g in pairs[:6])
+        return [f"{pred_dir}: the labels look renamed against {gt_dir} ({shown}): {convention}"]
+    return []
+
+
+def _few(values: list[int]) -> str:
+    return "{" + ", ".join(map(str, values[:8])) + (", ...}" if len(values) > 8 else "}")
 
 
 def evaluate_instance_files(pred_json: PathLike, gt_json: PathLike, verbose: bool = False) -> dict:

@@ -121,7 +121,7 @@ def evaluate_predictor(
     for index in tqdm(mine, disable=not progress or rank != 0, unit="img", file=sys.stderr):
         item = dataset[index]
         image = item["image"].permute(1, 2, 0).numpy()
-        result = predictor.predict(image, task)
+        result = predictor.predict(image, task, score_threshold=0.0)  # the official unthresholded list
         where = (f"prediction for {item['file_name']}", f"ground truth of {item['file_name']}")
         if task == "semantic":
             evaluator.update(result.class_map, _semantic_truth(dataset, index), where=where)

@@ -22,6 +22,8 @@ from mask2former.inference.preprocess import PreprocessedImage, pad_batch, prepr
 from mask2former.results import Result
 
 TASKS = ("semantic", "instance", "panoptic")
+# Instances below this score are dropped by `predict` (as detectron2's demo); 0 keeps the official top-k list.
+DEFAULT_SCORE_THRESHOLD = 0.5
 
 
 @dataclass
@@ -147,21 +149,63 @@ class Predictor:
             max_size = max(short_edge, round(cfg.max_size * short_edge / cfg.short_edge))
         self.config.input = dataclasses.replace(cfg, short_edge=short_edge, max_size=max_size)
 
-    def predict(self, image, task: str | None = None) -> Result:
-        """Segment one image (path, PIL image or (H, W, 3) uint8 array) -> a typed result."""
-        return self.predict_batch([image], task)[0].result
+    def predict(
+        self,
+        image,
+        task: str | None = None,
+        *,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        object_mask_threshold: float | None = None,
+        overlap_threshold: float | None = None,
+    ) -> Result:
+        """Segment one image (path, PIL image or (H, W, 3) uint8 array) -> a typed result.
 
-    def predict_batch(self, images: Sequence, task: str | None = None) -> list[Prediction]:
-        """Segment several images in one padded batch; results equal those of one image at a time."""
+        Thresholds as in `predict_batch`.
+        """
+        return self.predict_batch(
+            [image],
+            task,
+            score_threshold=score_threshold,
+            object_mask_threshold=object_mask_threshold,
+            overlap_threshold=overlap_threshold,
+        )[0].result
+
+    def predict_batch(
+        self,
+        images: Sequence,
+        task: str | None = None,
+        *,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        object_mask_threshold: float | None = None,
+        overlap_threshold: float | None = None,
+    ) -> list[Prediction]:
+        """Segment several images in one padded batch; results equal those of one image at a time.
+
+        `score_threshold`: instances scoring below it are dropped (0 keeps the official unthresholded
+        top-k, which evaluation uses). `object_mask_threshold` / `overlap_threshold`: panoptic query and
+        overlap thresholds, None for the model config's (officially 0.8 / 0.8).
+        """
         task = task or self.config.task
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        overrides = {
+            name: value
+            for name, value in (
+                ("score_threshold", score_threshold),
+                ("object_mask_threshold", object_mask_threshold),
+                ("overlap_threshold", overlap_threshold),
+            )
+            if value is not None
+        }
+        for name, value in overrides.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} {value}: must be between 0 and 1")
         arrays = [load_image(image) for image in images]
         inputs = [self.preprocess(array) for array in arrays]
         batch = pad_batch([item.tensor for item in inputs], self.config.input.size_divisibility)
         outputs = self.runner(batch)
         padded_size = tuple(batch.shape[-2:])
-        settings = PostprocessSettings.from_config(self.config, task)
+        settings = PostprocessSettings.from_config(self.config, task, **overrides)
         return [
             Prediction(array, postprocess(outputs, index, task, settings, item.geometry(padded_size)), task)
             for index, (array, item) in enumerate(zip(arrays, inputs, strict=True))
