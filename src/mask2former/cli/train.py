@@ -6,6 +6,7 @@ One process, or many with `torchrun --nproc_per_node N -m mask2former train ...`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from mask2former.cli import UserError
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model (single process or under torchrun)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="architecture preset (see `mask2former presets`)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset", help="architecture preset (see `mask2former presets`); default: the --init model's"
+    )
     source.add_argument(
         "--config", help="a model config JSON (a ModelConfig, or our checkpoint's config.json)"
     )
@@ -28,7 +31,11 @@ def register(subparsers) -> None:
         "--out", required=True, help="output folder: checkpoint.pt, metrics.jsonl, loss.png, model/"
     )
     parser.add_argument(
-        "--init", default=None, help="start from these weights (any supported checkpoint format)"
+        "--init",
+        default=None,
+        help="start from these weights: any checkpoint format or a released model's name (e.g. "
+        "coco-panoptic-r50). Classes may differ from the dataset's: every other weight is loaded, the class "
+        "rows of classes with the same name are carried over, the others re-initialised",
     )
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--iters", type=int, default=None, help="total optimisation steps")
@@ -98,9 +105,13 @@ OVERRIDES = {
 }
 
 
-def _model_config(args: argparse.Namespace):
+def _model_config(args: argparse.Namespace, init_config=None):
     from mask2former.config import ModelConfig, get_preset
 
+    if not args.preset and not args.config:
+        if init_config is None:
+            raise UserError("give --preset, --config or --init to choose the architecture")
+        return copy.deepcopy(init_config)  # adopting the dataset's classes must not change init_config
     if args.preset:
         try:
             return get_preset(args.preset)
@@ -127,12 +138,24 @@ def _adopt_dataset_classes(config, meta) -> None:
     config.dataset = getattr(meta, "name", "custom")
 
 
+def _read_init(weights: str):
+    """(state dict, config) of the --init weights (one-line errors)."""
+    import mask2former
+
+    try:
+        init_model, init_config = mask2former.load_model(weights)
+    except Exception as error:  # any unreadable checkpoint is a user error here
+        raise UserError(f"--init {weights}: {error}") from None
+    return init_model.state_dict(), init_config
+
+
 def run(args: argparse.Namespace) -> int:
     from mask2former.data.datasets import open_dataset
     from mask2former.training.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
 
     out_dir = Path(args.out)
-    model_config = _model_config(args)
+    init_weights, init_config = _read_init(args.init) if args.init else (None, None)
+    model_config = _model_config(args, init_config)
     train_config = TrainConfig()
     saved_config = out_dir / "train_config.json"
     if args.resume:
@@ -149,15 +172,6 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise UserError(f"--data {args.data}: {error}") from None
     _adopt_dataset_classes(model_config, dataset.meta)
-    init_weights = None
-    if args.init:
-        import mask2former
-
-        try:
-            init_model, _ = mask2former.load_model(args.init)
-        except Exception as error:  # any unreadable checkpoint is a user error here
-            raise UserError(f"--init {args.init}: {error}") from None
-        init_weights = init_model.state_dict()
     try:
         trainer = Trainer(
             model_config,
@@ -166,9 +180,12 @@ def run(args: argparse.Namespace) -> int:
             out_dir,
             init_weights=init_weights,
             show_progress=not args.no_progress,
+            init_config=init_config,
         )
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(f"--init {args.init}: {error}" if args.init and init_config else str(error)) from None
+    if trainer.rank == 0 and trainer.init_report is not None:
+        print(trainer.init_report.summary())
     if trainer.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         saved_config.write_text(

@@ -179,7 +179,11 @@ class Trainer:
         out_dir: str | Path,
         init_weights: dict[str, torch.Tensor] | None = None,
         show_progress: bool = True,
+        init_config: ModelConfig | None = None,
     ):
+        """init_weights: a state dict to start from; with `init_config` (the config it was trained for) its
+        classes may differ from model_config's: see checkpoints/finetune.py (report in `init_report`)."""
+        from mask2former.checkpoints.finetune import load_for_finetuning
         from mask2former.modeling.build import build_model
 
         self.model_config = model_config
@@ -195,7 +199,10 @@ class Trainer:
         self.device = torch.device(train_config.device)
         torch.manual_seed(train_config.seed)  # identical initial weights on every process
         self.model = build_model(model_config).to(self.device).train()
-        if init_weights is not None:
+        self.init_report = None
+        if init_weights is not None and init_config is not None:
+            self.init_report = load_for_finetuning(self.model, model_config, init_weights, init_config)
+        elif init_weights is not None:
             load_state_dict_strict(self.model, init_weights, "initial weights")
         if train_config.backbone_norm not in BACKBONE_NORMS:
             raise ValueError(f"backbone_norm {train_config.backbone_norm!r} is not one of {BACKBONE_NORMS}")
