@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mask2former.checkpoints.io import is_our_format, load_state_dict_strict, read_checkpoint
+from mask2former.checkpoints.zoo import resolve_weights
 from mask2former.config import PRESETS, ModelConfig, get_preset
 from mask2former.predictor import Predictor, TorchRunner
 
@@ -40,13 +41,15 @@ def load_model(
     """(model in eval mode, config) from a checkpoint in any supported format.
 
     path None -> the bundled model. Formats: our folder (model.safetensors + config.json), official
-    detectron2 .pkl/.pth, Hugging Face folder; `preset` names the architecture where it cannot be inferred.
+    detectron2 .pkl/.pth, Hugging Face folder; a released model's name ("coco-panoptic-r50", downloaded
+    once into $MASK2FORMER_HOME) or a Hugging Face hub id; `preset` names the architecture where it
+    cannot be inferred.
     """
     from mask2former.modeling.build import build_model
 
     if path is None:
         path = BUNDLED_DIR
-    path = Path(path)
+    path = resolve_weights(path)  # released names and hub ids -> the local converted copy
     if is_our_format(path):
         config, state_dict = read_checkpoint(path)
     else:

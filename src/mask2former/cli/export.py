@@ -61,6 +61,10 @@ def load_for_export(weights: str | None, preset: str | None):
             config = mask2former.get_preset(BUNDLED_PRESET)
             source = f"random init {BUNDLED_PRESET} (seed 0): no trained bundled model in this install"
             return mask2former.build(config, seed=0), config, False, source
+        if weights is not None:
+            from mask2former.checkpoints.zoo import resolve_weights
+
+            weights = str(resolve_weights(weights))  # a released name or hub id -> its local copy
         if weights is not None and not Path(weights).exists():
             raise UserError(f"--weights {weights}: no such file or folder")
         model, config = load_model(weights, preset)

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--weights",
         default=None,
-        help="checkpoint: our folder, detectron2 .pkl/.pth, Hugging Face folder or .onnx "
+        help="checkpoint: our folder, detectron2 .pkl/.pth, Hugging Face folder or .onnx, a released "
+        "model's name (e.g. coco-panoptic-r50, see `mask2former presets`) or a Hugging Face hub id "
         "(default: the bundled model)",
     )
     parser.add_argument(
@@ -95,6 +96,10 @@ def make_predictor(weights: str | None, preset: str | None, device: str = "cpu",
             config = mask2former.get_preset(preset)
             model = mask2former.build(config, seed=0)
             return Predictor(TorchRunner(model, device), config, source=f"preset {preset}", trained=False)
+        if weights is not None:
+            from mask2former.checkpoints.zoo import resolve_weights
+
+            weights = str(resolve_weights(weights))  # a released name or hub id -> its local copy
         if weights is not None and not Path(weights).exists():
             raise UserError(f"--weights {weights}: no such file or folder")
         with warnings.catch_warnings():
