@@ -217,8 +217,8 @@ def _check_md5_prefix(raw: Path, release: Release) -> None:
             digest.update(chunk)
     if not digest.hexdigest().startswith(release.md5_prefix):
         print(
-            f"note: {raw.name}: md5 {digest.hexdigest()[:6]} differs from the {release.md5_prefix} in its name; "
-            "kept, as it parses and loads strictly",
+            f"note: {raw.name}: md5 {digest.hexdigest()[:6]} differs from the {release.md5_prefix} in its "
+            "name; kept, as it parses and loads strictly",
             file=sys.stderr,
         )
 

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{name:<24} {config.task:<9} {backbone:<26} {config.num_classes:>7} "
             f"{sum(config.thing_classes):>6} "
-            f"{config.decoder.num_queries:>7}  {size:<10} {_weights(name, RELEASES, BUNDLED, home(), is_our_format)}"
+            f"{config.decoder.num_queries:>7}  {size:<10} "
+            f"{_weights(name, RELEASES, BUNDLED, home(), is_our_format)}"
         )
     print(
         f"released weights are downloaded on first use into {home()} (MASK2FORMER_HOME), e.g. --weights NAME"
