@@ -37,6 +37,12 @@ def register(subparsers) -> None:
         "coco-panoptic-r50). Classes may differ from the dataset's: every other weight is loaded, the class "
         "rows of classes with the same name are carried over, the others re-initialised",
     )
+    parser.add_argument(
+        "--backbone-weights",
+        default=None,
+        help="ImageNet-pretrained backbone: torchvision ResNet-50/101 .pth, detectron2 R-50.pkl/R-101.pkl, "
+        "Microsoft or timm Swin .pth/.safetensors (mapped strictly; the rest starts from scratch)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--iters", type=int, default=None, help="total optimisation steps")
     parser.add_argument(
@@ -150,10 +156,13 @@ def _read_init(weights: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from mask2former.checkpoints.io import CheckpointError
     from mask2former.data.datasets import open_dataset
     from mask2former.training.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
 
     out_dir = Path(args.out)
+    if args.init and args.backbone_weights:
+        raise UserError("--init already holds a backbone: give --init or --backbone-weights, not both")
     init_weights, init_config = _read_init(args.init) if args.init else (None, None)
     model_config = _model_config(args, init_config)
     train_config = TrainConfig()
@@ -181,9 +190,15 @@ def run(args: argparse.Namespace) -> int:
             init_weights=init_weights,
             show_progress=not args.no_progress,
             init_config=init_config,
+            backbone_weights=args.backbone_weights,
         )
+    except CheckpointError as error:
+        flag = f"--init {args.init}" if args.init else f"--backbone-weights {args.backbone_weights}"
+        raise UserError(f"{flag}: {error}") from None
     except ValueError as error:
-        raise UserError(f"--init {args.init}: {error}" if args.init and init_config else str(error)) from None
+        raise UserError(str(error)) from None
+    if trainer.rank == 0 and trainer.backbone_report is not None:
+        print(trainer.backbone_report.summary())
     if trainer.rank == 0 and trainer.init_report is not None:
         print(trainer.init_report.summary())
     if trainer.rank == 0:

@@ -180,9 +180,12 @@ class Trainer:
         init_weights: dict[str, torch.Tensor] | None = None,
         show_progress: bool = True,
         init_config: ModelConfig | None = None,
+        backbone_weights: str | Path | None = None,
     ):
         """init_weights: a state dict to start from; with `init_config` (the config it was trained for) its
-        classes may differ from model_config's: see checkpoints/finetune.py (report in `init_report`)."""
+        classes may differ from model_config's: see checkpoints/finetune.py (report in `init_report`).
+        backbone_weights: an ImageNet backbone file (checkpoints/backbone_weights.py; `backbone_report`)."""
+        from mask2former.checkpoints.backbone_weights import load_backbone_weights
         from mask2former.checkpoints.finetune import load_for_finetuning
         from mask2former.modeling.build import build_model
 
@@ -199,7 +202,9 @@ class Trainer:
         self.device = torch.device(train_config.device)
         torch.manual_seed(train_config.seed)  # identical initial weights on every process
         self.model = build_model(model_config).to(self.device).train()
-        self.init_report = None
+        self.init_report = self.backbone_report = None
+        if backbone_weights is not None:
+            self.backbone_report = load_backbone_weights(self.model, backbone_weights)
         if init_weights is not None and init_config is not None:
             self.init_report = load_for_finetuning(self.model, model_config, init_weights, init_config)
         elif init_weights is not None:
