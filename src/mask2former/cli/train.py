@@ -83,8 +83,34 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--val-data", default=None, help="a validation dataset folder, evaluated every --eval-every steps"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between evaluations of --val-data (PQ / mIoU / AP as the task has, into metrics.jsonl "
+        "and loss.png; the best model is kept in --out/model-best)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: print a line (step, loss, lr, ETA) every --log-every steps instead",
+    )
+    _describe_defaults(parser)
     parser.set_defaults(func=run)
+
+
+def _describe_defaults(parser) -> None:
+    """Append each training setting's default, per preset, to its --help text."""
+    from mask2former.training.recipes import describe_default
+
+    for action in parser._actions:
+        field_name = OVERRIDES.get(action.dest)
+        if field_name is not None:
+            text = describe_default(field_name).replace("%", "%%")
+            action.help = f"{action.help}; {text}" if action.help else text
 
 
 OVERRIDES = {
@@ -105,6 +131,7 @@ OVERRIDES = {
     "num_points": "num_points",
     "checkpoint_every": "checkpoint_every",
     "log_every": "log_every",
+    "eval_every": "eval_every",
     "seed": "seed",
     "workers": "num_workers",
     "device": "device",
@@ -144,6 +171,21 @@ def _adopt_dataset_classes(config, meta) -> None:
     config.dataset = getattr(meta, "name", "custom")
 
 
+def _validation_set(path: str, train_set, task: str):
+    """The --val-data dataset, refused in one line when unreadable or its classes differ."""
+    from mask2former.training.validation import open_validation_set
+
+    try:
+        val_set = open_validation_set(path, task)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(f"--val-data {path}: {error}") from None
+    if list(val_set.meta.class_names) != list(train_set.meta.class_names):
+        raise UserError(
+            f"--val-data {path}: its classes differ from --data's; use a split of the same dataset"
+        )
+    return val_set
+
+
 def _read_init(weights: str):
     """(state dict, config) of the --init weights (one-line errors)."""
     import mask2former
@@ -158,14 +200,17 @@ def _read_init(weights: str):
 def run(args: argparse.Namespace) -> int:
     from mask2former.checkpoints.io import CheckpointError
     from mask2former.data.datasets import open_dataset
+    from mask2former.training.recipes import recipe_for
     from mask2former.training.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
 
     out_dir = Path(args.out)
+    if args.eval_every is not None and args.eval_every < 1:
+        raise UserError(f"--eval-every {args.eval_every}: must be at least 1")
     if args.init and args.backbone_weights:
         raise UserError("--init already holds a backbone: give --init or --backbone-weights, not both")
     init_weights, init_config = _read_init(args.init) if args.init else (None, None)
     model_config = _model_config(args, init_config)
-    train_config = TrainConfig()
+    train_config = recipe_for(model_config.name)  # the preset's recipe; flags and --resume override it
     saved_config = out_dir / "train_config.json"
     if args.resume:
         if not (out_dir / CHECKPOINT_NAME).exists():
@@ -181,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise UserError(f"--data {args.data}: {error}") from None
     _adopt_dataset_classes(model_config, dataset.meta)
+    val_dataset = _validation_set(args.val_data, dataset, model_config.task) if args.val_data else None
     try:
         trainer = Trainer(
             model_config,
@@ -191,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
             init_config=init_config,
             backbone_weights=args.backbone_weights,
+            val_dataset=val_dataset,
         )
     except CheckpointError as error:
         flag = f"--init {args.init}" if args.init else f"--backbone-weights {args.backbone_weights}"
