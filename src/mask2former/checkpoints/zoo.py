@@ -161,7 +161,7 @@ def download(url: str, dest: Path, progress: bool = True, what: str = "") -> Pat
     from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # per process: torchrun ranks fetch at once
     label = what or dest.name
     try:
         response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 - http(s) URLs of the model zoo
@@ -253,9 +253,13 @@ def _write_folder_atomically(state, config, folder: Path, extra: dict) -> None:
     try:
         save_checkpoint(state, config, temp, extra=extra)
         os.chmod(temp, 0o777 & ~_umask())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(temp, folder)
+        if folder.exists() and not is_our_format(folder):
+            shutil.rmtree(folder)  # a broken leftover
+        try:
+            os.replace(temp, folder)
+        except OSError:
+            if not is_our_format(folder):  # else another process converted the same file first
+                raise
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
