@@ -160,6 +160,9 @@ def test_sha256_given_by_the_user(server, tmp_path):
     assert not _raw(tmp_path).exists()
     good = hashlib.sha256(body).hexdigest()
     assert is_our_format(zoo.resolve_weights(f"{NAME}@sha256:{good}", progress=False))
+    assert is_our_format(zoo.resolve_weights(f"{NAME}@sha256:{good}", progress=False))  # the cache
+    with pytest.raises(zoo.ZooError, match="made from a file with SHA-256"):
+        zoo.resolve_weights(f"{NAME}@sha256:{wrong}", progress=False)
 
 
 def test_offline_gives_one_line_saying_what_to_download_and_where(server, tmp_path, monkeypatch, capsys):

@@ -134,10 +134,11 @@ def fetch_release(preset: str, sha256: str | None = None, progress: bool = True)
     """The converted folder of a preset's official checkpoint, downloading and converting it when absent."""
     release = RELEASES[preset]
     converted = home() / "models" / preset
+    expected = sha256 or release.sha256
     if is_our_format(converted):
+        _check_cached_digest(converted, expected)
         return converted
     raw = home() / "downloads" / preset / release.file_name
-    expected = sha256 or release.sha256
     if not raw.is_file():
         url = release_url(preset)
         if offline():
@@ -148,8 +149,22 @@ def fetch_release(preset: str, sha256: str | None = None, progress: bool = True)
         _discard(raw)
         raise ZooError(f"{raw}: SHA-256 {digest} is not the expected {expected}; the file was deleted")
     _check_md5_prefix(raw, release)
-    _convert_verified(raw, preset, converted)
+    _convert_verified(raw, preset, converted, digest)
     return converted
+
+
+def _check_cached_digest(converted: Path, expected: str | None) -> None:
+    """A converted cache answers for a SHA-256 only through the digest of the file it was made from."""
+    if expected is None:
+        return
+    from mask2former.checkpoints.io import read_config
+
+    _, document = read_config(converted)
+    if document.get("source_sha256") != expected:
+        raise ZooError(
+            f"{converted}: made from a file with SHA-256 {document.get('source_sha256')}, not {expected}; "
+            "delete the folder to download again"
+        )
 
 
 def _fetch_by_hand(preset: str, url: str, raw: Path, why: str) -> str:
@@ -227,7 +242,7 @@ def _discard(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _convert_verified(raw: Path, preset: str, converted: Path) -> None:
+def _convert_verified(raw: Path, preset: str, converted: Path, digest: str) -> None:
     """Parse `raw`, load it strictly into the preset's architecture, write our format atomically."""
     from mask2former.checkpoints.convert import convert_to_ours
     from mask2former.checkpoints.io import load_state_dict_strict
@@ -242,7 +257,8 @@ def _convert_verified(raw: Path, preset: str, converted: Path) -> None:
     except CheckpointError as error:
         _discard(raw)  # a corrupt download must not be taken for a good one next time
         raise ZooError(f"{error} (the download was deleted; run it again)") from None
-    _write_folder_atomically(model.state_dict(), config, converted, extra={"source": release_url(preset)})
+    extra = {"source": release_url(preset), "source_sha256": digest}
+    _write_folder_atomically(model.state_dict(), config, converted, extra=extra)
 
 
 def _write_folder_atomically(state, config, folder: Path, extra: dict) -> None:
