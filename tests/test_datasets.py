@@ -165,6 +165,13 @@ def test_semantic_folder_with_ignore_and_empty(tmp_path):
     assert not item["masks"].any(0)[4:].any()  # ignore pixels belong to no mask
     assert dataset[1]["masks"].shape == (0, 6, 7) and dataset[1]["labels"].shape == (0,)
     assert np.array_equal(dataset.ground_truth(0), label)
+    assert dataset.meta.class_names == ["class_0", "class_1", "class_2"]
+    (tmp_path / "classes.txt").write_text("wall\nfloor\nperson\ncar\n")  # names for fine-tuning by name
+    named = open_dataset(tmp_path)
+    assert named.meta.class_names == ["wall", "floor", "person", "car"] and named.meta.num_classes == 4
+    (tmp_path / "classes.txt").write_text("wall\nfloor\n")
+    with pytest.raises(DatasetError, match="classes.txt: names 2 classes but the labels use 3"):
+        open_dataset(tmp_path)
 
 
 def test_seeded_transform_is_per_item_deterministic(synth_root):

@@ -90,3 +90,19 @@ def test_cli_writes_and_refuses_nonempty(tmp_path, capsys):
     assert main(["synth", str(out), "--n", "1", "--overwrite"]) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png"]
     assert main(["synth", str(out), "--size", "axb"]) == 2
+
+
+def test_class_subset_with_new_shapes(tmp_path, capsys):
+    out = tmp_path / "subset"
+    classes = "circle,hexagon,cross,sky,water"
+    assert main(["synth", str(out), "--n", "12", "--seed", "4", "--size", "64x64", "--classes", classes]) == 0
+    document = json.loads((out / "panoptic.json").read_text())
+    names = [c["name"] for c in document["categories"]]
+    assert names == ["circle", "hexagon", "cross", "sky", "water"]
+    used = {s["category_id"] for a in document["annotations"] for s in a["segments_info"]}
+    assert used == {c["id"] for c in document["categories"]}  # every chosen class drawn, nothing else
+    semantic = np.stack([np.asarray(Image.open(p)) for p in sorted((out / "semantic").iterdir())])
+    assert semantic.max() == len(names) - 1
+    assert main(["synth", str(tmp_path / "bad"), "--classes", "circle,dragon,sky"]) == 2
+    assert "dragon" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "bad2"), "--classes", "circle,square"]) == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mask2former.checkpoints.io import is_our_format, load_state_dict_strict, read_checkpoint
+from mask2former.checkpoints.zoo import resolve_weights
 from mask2former.config import PRESETS, ModelConfig, get_preset
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "synth-tiny"
@@ -60,7 +61,9 @@ def resolve_model(weights: str | Path | None = None, preset: str | None = None) 
       install has no trained bundled model);
     - weights None, preset P: preset P with random weights (seed 0), trained False;
     - weights a checkpoint: our folder (model.safetensors + config.json), an official detectron2 .pkl/.pth,
-      or a Hugging Face folder; `preset` names the architecture where it cannot be inferred.
+      or a Hugging Face folder; `preset` names the architecture where it cannot be inferred;
+    - weights a released model's name ("coco-panoptic-r50", downloaded, verified and converted once into
+      $MASK2FORMER_HOME, see checkpoints/zoo.py) or a Hugging Face hub id ("facebook/mask2former-...").
     Raises FileNotFoundError / CheckpointError / ValueError with one-line messages naming the file.
     """
     if is_onnx(weights):
@@ -74,7 +77,7 @@ def resolve_model(weights: str | Path | None = None, preset: str | None = None) 
             return LoadedModel(build(BUNDLED_PRESET, seed=0), get_preset(BUNDLED_PRESET), source, False)
         model, config = _read_model(BUNDLED_DIR, None)
         return LoadedModel(model, config, f"bundled model ({BUNDLED_DIR})", True)
-    path = Path(weights)
+    path = resolve_weights(weights)  # released names and hub ids -> the local converted copy
     if not path.exists():
         raise FileNotFoundError(f"weights {weights}: no such file or folder")
     model, config = _read_model(path, preset)

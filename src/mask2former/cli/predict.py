@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--weights",
         default=None,
-        help="checkpoint: our folder, detectron2 .pkl/.pth, Hugging Face folder or .onnx "
+        help="checkpoint: our folder, detectron2 .pkl/.pth, Hugging Face folder or .onnx, a released "
+        "model's name (e.g. coco-panoptic-r50, see `mask2former presets`) or a Hugging Face hub id "
         "(default: the bundled model)",
     )
     parser.add_argument(

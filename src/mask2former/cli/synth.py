@@ -27,6 +27,12 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--size", default="128x128", help="image size HxW (default 128x128)")
     parser.add_argument(
+        "--classes",
+        default=None,
+        help="comma-separated classes to draw (default: the bundled model's circle,square,triangle,star,ring,"
+        "sky,grass,water,wall; also hexagon and cross), e.g. circle,hexagon,cross,sky,water",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="reuse a non-empty folder, replacing a previous synthetic set in it",
@@ -42,8 +48,15 @@ def run(args) -> int:
         raise UserError(f"--n {args.n}: must be 0 or more")
     start = time.perf_counter()
     try:
-        panoptic = generate(args.dir, args.n, seed=args.seed, size=size, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as error:
+        classes = [name.strip() for name in args.classes.split(",") if name.strip()] if args.classes else None
+        panoptic = generate(
+            args.dir, args.n, seed=args.seed, size=size, overwrite=args.overwrite, classes=classes
+        )
+    except ValueError as error:
+        raise UserError(
+            f"--classes {args.classes}: {error}" if "classes" in str(error) else str(error)
+        ) from None
+    except FileExistsError as error:
         raise UserError(str(error)) from None
     except OSError as error:
         raise UserError(f"{args.dir}: cannot write ({error.strerror or error})") from None

@@ -6,6 +6,7 @@ One process, or many with `torchrun --nproc_per_node N -m mask2former train ...`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from mask2former.cli import UserError
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model (single process or under torchrun)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", help="architecture preset (see `mask2former presets`)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset", help="architecture preset (see `mask2former presets`); default: the --init model's"
+    )
     source.add_argument(
         "--config", help="a model config JSON (a ModelConfig, or our checkpoint's config.json)"
     )
@@ -28,7 +31,17 @@ def register(subparsers) -> None:
         "--out", required=True, help="output folder: checkpoint.pt, metrics.jsonl, loss.png, model/"
     )
     parser.add_argument(
-        "--init", default=None, help="start from these weights (any supported checkpoint format)"
+        "--init",
+        default=None,
+        help="start from these weights: any checkpoint format or a released model's name (e.g. "
+        "coco-panoptic-r50). Classes may differ from the dataset's: every other weight is loaded, the class "
+        "rows of classes with the same name are carried over, the others re-initialised",
+    )
+    parser.add_argument(
+        "--backbone-weights",
+        default=None,
+        help="ImageNet-pretrained backbone: torchvision ResNet-50/101 .pth, detectron2 R-50.pkl/R-101.pkl, "
+        "Microsoft or timm Swin .pth/.safetensors (mapped strictly; the rest starts from scratch)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--iters", type=int, default=None, help="total optimisation steps")
@@ -70,8 +83,34 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--val-data", default=None, help="a validation dataset folder, evaluated every --eval-every steps"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between evaluations of --val-data (PQ / mIoU / AP as the task has, into metrics.jsonl "
+        "and loss.png; the best model is kept in --out/model-best)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: print a line (step, loss, lr, ETA) every --log-every steps instead",
+    )
+    _describe_defaults(parser)
     parser.set_defaults(func=run)
+
+
+def _describe_defaults(parser) -> None:
+    """Append each training setting's default, per preset, to its --help text."""
+    from mask2former.training.recipes import describe_default
+
+    for action in parser._actions:
+        field_name = OVERRIDES.get(action.dest)
+        if field_name is not None:
+            text = describe_default(field_name).replace("%", "%%")
+            action.help = f"{action.help}; {text}" if action.help else text
 
 
 OVERRIDES = {
@@ -92,15 +131,20 @@ OVERRIDES = {
     "num_points": "num_points",
     "checkpoint_every": "checkpoint_every",
     "log_every": "log_every",
+    "eval_every": "eval_every",
     "seed": "seed",
     "workers": "num_workers",
     "device": "device",
 }
 
 
-def _model_config(args: argparse.Namespace):
+def _model_config(args: argparse.Namespace, init_config=None):
     from mask2former.config import ModelConfig, get_preset
 
+    if not args.preset and not args.config:
+        if init_config is None:
+            raise UserError("give --preset, --config or --init to choose the architecture")
+        return copy.deepcopy(init_config)  # adopting the dataset's classes must not change init_config
     if args.preset:
         try:
             return get_preset(args.preset)
@@ -124,13 +168,46 @@ def _adopt_dataset_classes(config, meta):
     return with_dataset_meta(config, meta)
 
 
+def _validation_set(path: str, train_set, task: str):
+    """The --val-data dataset, refused in one line when unreadable or its classes differ."""
+    from mask2former.training.validation import open_validation_set
+
+    try:
+        val_set = open_validation_set(path, task)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(f"--val-data {path}: {error}") from None
+    if list(val_set.meta.class_names) != list(train_set.meta.class_names):
+        raise UserError(
+            f"--val-data {path}: its classes differ from --data's; use a split of the same dataset"
+        )
+    return val_set
+
+
+def _read_init(weights: str):
+    """(state dict, config) of the --init weights (one-line errors)."""
+    import mask2former
+
+    try:
+        init_model, init_config = mask2former.load_model(weights)
+    except Exception as error:  # any unreadable checkpoint is a user error here
+        raise UserError(f"--init {weights}: {error}") from None
+    return init_model.state_dict(), init_config
+
+
 def run(args: argparse.Namespace) -> int:
+    from mask2former.checkpoints.io import CheckpointError
     from mask2former.data.datasets import open_dataset
+    from mask2former.training.recipes import recipe_for
     from mask2former.training.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
 
     out_dir = Path(args.out)
-    model_config = _model_config(args)
-    train_config = TrainConfig()
+    if args.eval_every is not None and args.eval_every < 1:
+        raise UserError(f"--eval-every {args.eval_every}: must be at least 1")
+    if args.init and args.backbone_weights:
+        raise UserError("--init already holds a backbone: give --init or --backbone-weights, not both")
+    init_weights, init_config = _read_init(args.init) if args.init else (None, None)
+    model_config = _model_config(args, init_config)
+    train_config = recipe_for(model_config.name)  # the preset's recipe; flags and --resume override it
     saved_config = out_dir / "train_config.json"
     if args.resume:
         if not (out_dir / CHECKPOINT_NAME).exists():
@@ -146,15 +223,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise UserError(f"--data {args.data}: {error}") from None
     model_config = _adopt_dataset_classes(model_config, dataset.meta)
-    init_weights = None
-    if args.init:
-        import mask2former
-
-        try:
-            init_model, _ = mask2former.load_model(args.init)
-        except Exception as error:  # any unreadable checkpoint is a user error here
-            raise UserError(f"--init {args.init}: {error}") from None
-        init_weights = init_model.state_dict()
+    val_dataset = _validation_set(args.val_data, dataset, model_config.task) if args.val_data else None
     try:
         trainer = Trainer(
             model_config,
@@ -163,11 +232,21 @@ def run(args: argparse.Namespace) -> int:
             out_dir,
             init_weights=init_weights,
             show_progress=not args.no_progress,
+            init_config=init_config,
+            backbone_weights=args.backbone_weights,
+            val_dataset=val_dataset,
         )
+    except CheckpointError as error:
+        flag = f"--init {args.init}" if args.init else f"--backbone-weights {args.backbone_weights}"
+        raise UserError(f"{flag}: {error}") from None
     except ValueError as error:
         from mask2former.cli import flag_error
 
         raise flag_error(error, ("batch_size",)) from None
+    if trainer.rank == 0 and trainer.backbone_report is not None:
+        print(trainer.backbone_report.summary())
+    if trainer.rank == 0 and trainer.init_report is not None:
+        print(trainer.init_report.summary())
     if trainer.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         saved_config.write_text(

@@ -298,7 +298,8 @@ class SemanticFolderDataset(_MaskDataset):
 
     Label values are contiguous class indices (detectron2's sem_seg convention; ADE20K's original 1..150
     needs the usual minus-one conversion first); `ignore_label` pixels belong to no mask. Each class
-    present gives one mask. Without `meta`, names are "class_0".. with K = the largest value seen + 1.
+    present gives one mask. Without `meta`, names come from classes.txt beside image_dir (one per line)
+    when it exists, else "class_0".. with K = the largest value seen + 1.
     """
 
     def __init__(
@@ -330,9 +331,16 @@ class SemanticFolderDataset(_MaskDataset):
             if values.size:
                 top = max(top, int(values.max()))
         count = top + 1
+        names = [f"class_{k}" for k in range(count)]
+        names_file = self.image_dir.parent / "classes.txt"  # optional: one class name per line, index order
+        if names_file.is_file():
+            listed = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+            if len(listed) < count:
+                raise DatasetError(f"{names_file}: names {len(listed)} classes but the labels use {count}")
+            names, count = listed, len(listed)
         return DatasetMeta(
             name=self.image_dir.parent.name or "semantic",
-            class_names=[f"class_{k}" for k in range(count)],
+            class_names=names,
             thing_classes=[False] * count,
             category_ids=list(range(count)),
             colors=[_fallback_color(k) for k in range(count)],

@@ -43,8 +43,16 @@ _CLASSES = [
     (13, "water", False, (61, 143, 255)),
     (14, "wall", False, (137, 54, 74)),
 ]
+# Shapes the default set leaves out: `generate(classes=...)` draws them for datasets whose classes differ
+# from the bundled model's (the fine-tuning walkthrough of the README).
+_EXTRA_CLASSES = [
+    (6, "hexagon", True, (119, 11, 32)),
+    (7, "cross", True, (0, 128, 0)),
+]
 THING_SHAPES = [name for _, name, thing, _ in _CLASSES if thing]
 STUFF_NAMES = [name for _, name, thing, _ in _CLASSES if not thing]
+DEFAULT_CLASSES = [name for _, name, _, _ in _CLASSES]
+ALL_CLASSES = DEFAULT_CLASSES + [name for _, name, _, _ in _EXTRA_CLASSES]
 # Base colour of each stuff texture; jittered per scene. Sky and water are both blue on purpose.
 _STUFF_BASE = {
     "sky": (120, 165, 215),
@@ -55,14 +63,27 @@ _STUFF_BASE = {
 _FILE_PATTERN = re.compile(r"^\d{6}\.png$")
 
 
-def synth_meta() -> DatasetMeta:
-    """The synthetic scenes' classes: index k -> name, thing flag, category id, colour."""
+def synth_meta(classes: list[str] | None = None) -> DatasetMeta:
+    """The synthetic scenes' classes: index k -> name, thing flag, category id, colour.
+
+    `classes`: a subset of ALL_CLASSES (things first, then stuff, in catalogue order); None = the default 9.
+    """
+    if classes is None:
+        chosen = _CLASSES
+    else:
+        unknown = [name for name in classes if name not in ALL_CLASSES]
+        if unknown:
+            raise ValueError(f"unknown synthetic classes {unknown}; choose from {', '.join(ALL_CLASSES)}")
+        catalogue = sorted(_CLASSES + _EXTRA_CLASSES, key=lambda row: (not row[2], row[0]))
+        chosen = [row for row in catalogue if row[1] in classes]
+        if not any(thing for _, _, thing, _ in chosen) or all(thing for _, _, thing, _ in chosen):
+            raise ValueError("synthetic classes need at least one shape (thing) and one texture (stuff)")
     return DatasetMeta(
-        name="synth",
-        class_names=[name for _, name, _, _ in _CLASSES],
-        thing_classes=[thing for _, _, thing, _ in _CLASSES],
-        category_ids=[cid for cid, _, _, _ in _CLASSES],
-        colors=[color for _, _, _, color in _CLASSES],
+        name="synth" if classes is None else "synth-custom",
+        class_names=[name for _, name, _, _ in chosen],
+        thing_classes=[thing for _, _, thing, _ in chosen],
+        category_ids=[cid for cid, _, _, _ in chosen],
+        colors=[color for _, _, _, color in chosen],
     )
 
 
@@ -148,13 +169,24 @@ def _shape_mask(shape: str, h: int, w: int, cx: float, cy: float, radius: float,
     def disc(r: float, value: int) -> None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=value)
 
-    if shape == "circle":
+    if shape == "cross":  # a plus sign: two bars of a third of the width, rotated
+        half, arm = radius * 0.8, radius * 0.8 / 3
+        outline = [(-arm, -half), (arm, -half), (arm, -arm), (half, -arm), (half, arm), (arm, arm)]
+        outline += [(arm, half), (-arm, half), (-arm, arm), (-half, arm), (-half, -arm), (-arm, -arm)]
+        cos, sin = np.cos(angle), np.sin(angle)
+        draw.polygon([(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in outline], fill=1)
+    elif shape == "circle":
         disc(radius * 0.85, 1)  # shrunk so a circle's area is close to a square's
     elif shape == "ring":
         disc(radius * 0.95, 1)
         disc(radius * 0.5, 0)
     else:
-        corners, inner = {"square": (4, None), "triangle": (3, None), "star": (5, 0.45)}[shape]
+        corners, inner = {
+            "square": (4, None),
+            "triangle": (3, None),
+            "star": (5, 0.45),
+            "hexagon": (6, None),
+        }[shape]
         radii = [radius] * corners if inner is None else [radius, radius * inner] * corners
         steps = len(radii)
         points = [
@@ -177,9 +209,12 @@ def _random_color(rng: np.random.Generator) -> np.ndarray:
 # ---------------------------------------------------------------- scenes
 
 
-def make_scene(rng: np.random.Generator, height: int = 128, width: int = 128) -> Scene:
-    """Draw one scene from rng (see the module docstring for what it contains)."""
-    meta = SYNTH_META
+def make_scene(
+    rng: np.random.Generator, height: int = 128, width: int = 128, meta: DatasetMeta = SYNTH_META
+) -> Scene:
+    """Draw one scene from rng (see the module docstring) with the classes of `meta` (a `synth_meta`)."""
+    thing_shapes = [n for n, thing in zip(meta.class_names, meta.thing_classes, strict=True) if thing]
+    stuff_names = [n for n, thing in zip(meta.class_names, meta.thing_classes, strict=True) if not thing]
     h, w = height, width
     side = min(h, w)
     image = np.zeros((h, w, 3), dtype=np.float64)
@@ -187,9 +222,10 @@ def make_scene(rng: np.random.Generator, height: int = 128, width: int = 128) ->
     id_map = np.zeros((h, w), dtype=np.int64)
 
     regions = int(rng.choice([1, 2, 3], p=[0.15, 0.45, 0.40]))
+    regions = min(regions, len(stuff_names))
     layout = _stuff_layout(rng, h, w, regions)
-    for region, stuff in enumerate(rng.permutation(len(STUFF_NAMES))[:regions]):
-        name = STUFF_NAMES[int(stuff)]
+    for region, stuff in enumerate(rng.permutation(len(stuff_names))[:regions]):
+        name = stuff_names[int(stuff)]
         inside = layout == region
         image[inside] = _stuff_texture(rng, name, h, w)[inside]
         index = meta.class_names.index(name)
@@ -200,7 +236,7 @@ def make_scene(rng: np.random.Generator, height: int = 128, width: int = 128) ->
     # only uncovers the ones below it, so one pass suffices and no void pixels are ever needed.
     shapes = []
     for _ in range(int(rng.integers(1, 7))):
-        name = THING_SHAPES[int(rng.integers(len(THING_SHAPES)))]
+        name = thing_shapes[int(rng.integers(len(thing_shapes)))]
         radius = rng.uniform(0.09, 0.22) * side
         cx, cy = rng.uniform(0.05, 0.95) * w, rng.uniform(0.05, 0.95) * h
         mask = _shape_mask(name, h, w, cx, cy, radius, rng.uniform(0, 2 * np.pi))
@@ -298,11 +334,14 @@ def generate(
     seed: int = 0,
     size: tuple[int, int] = (128, 128),
     overwrite: bool = False,
+    classes: list[str] | None = None,
 ) -> dict:
     """Write n scenes of size (H, W) to out_dir (layout in the module docstring); returns panoptic.json.
 
-    panoptic.json is written last, so its presence means the set is complete.
+    `classes`: names from ALL_CLASSES to draw (None: the bundled model's 9). panoptic.json is written
+    last, so its presence means the set is complete.
     """
+    meta = SYNTH_META if classes is None else synth_meta(classes)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     height, width = size
@@ -312,7 +351,7 @@ def generate(
     _prepare_folder(out_dir, overwrite)
     images, annotations = [], []
     for i in range(n):
-        scene = make_scene(np.random.default_rng([seed, i]), height, width)
+        scene = make_scene(np.random.default_rng([seed, i]), height, width, meta)
         name = f"{i:06d}.png"
         write_png(out_dir / "images" / name, scene.image)
         write_png(out_dir / "panoptic" / name, id2rgb(scene.id_map))
@@ -323,7 +362,7 @@ def generate(
         "info": {"description": f"mask2former synthetic scenes, seed {seed}, {height}x{width}"},
         "images": images,
         "annotations": annotations,
-        "categories": categories_json(),
+        "categories": categories_json(meta),
     }
     json_path = out_dir / "panoptic.json"
     write_json(json_path, panoptic)

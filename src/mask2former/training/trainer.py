@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,51 +32,10 @@ from mask2former.training.criterion import SetCriterion, global_mean
 from mask2former.training.matcher import HungarianMatcher
 from mask2former.training.optim import build_optimizer, lr_factor, set_learning_rate
 from mask2former.training.plot import plot_loss_curve, read_metrics
+from mask2former.training.progress import log_line
+from mask2former.training.train_config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and data settings; defaults are the official ones (ADE20K-style poly schedule)."""
-
-    max_iters: int = 160000
-    batch_size: int = 16  # global, split over processes
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    backbone_multiplier: float = 0.1
-    clip_grad_norm: float = 0.01
-    schedule: str = "poly"
-    poly_power: float = 0.9
-    milestones: tuple[int, ...] = ()
-    warmup_iters: int = 0
-    warmup_factor: float = 1.0  # lr factor at step 0, rising linearly to 1 over warmup_iters (official 1.0)
-    amp: bool = True  # used where the device supports it (CUDA fp16); CPU trains in fp32
-    checkpoint_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    num_workers: int = 0
-    augment: str = "lsj"  # lsj | multiscale | none
-    crop_size: int = 1024
-    min_scale: float = 0.1
-    max_scale: float = 2.0
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
-    no_object_weight: float = 0.1
-    device: str = "cpu"
-    # "frozen": the official FrozenBatchNorm backbone (fine-tuning pretrained weights); "bn": BatchNorm
-    # with batch statistics while training from scratch, saved as FrozenBatchNorm (training/batchnorm.py)
-    backbone_norm: str = "frozen"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        data = dict(data)
-        data["milestones"] = tuple(data.get("milestones", ()))
-        return cls(**data)
 
 
 def _seed_of(*parts: int) -> int:
@@ -170,7 +129,17 @@ class Trainer:
         out_dir: str | Path,
         init_weights: dict[str, torch.Tensor] | None = None,
         show_progress: bool = True,
+        init_config: ModelConfig | None = None,
+        backbone_weights: str | Path | None = None,
+        val_dataset: Dataset | None = None,
     ):
+        """init_weights: a state dict to start from; with `init_config` (the config it was trained for) its
+        classes may differ from model_config's: see checkpoints/finetune.py (report in `init_report`).
+        backbone_weights: an ImageNet backbone file (checkpoints/backbone_weights.py; `backbone_report`).
+        val_dataset: evaluated every `eval_every` steps and at the end (training/validation.py); the best
+        model by the task's figure (PQ / AP / mIoU) is kept in out_dir/model-best beside out_dir/model."""
+        from mask2former.checkpoints.backbone_weights import load_backbone_weights
+        from mask2former.checkpoints.finetune import load_for_finetuning
         from mask2former.modeling.build import build_model
 
         self.model_config = model_config
@@ -186,7 +155,12 @@ class Trainer:
         self.device = torch.device(train_config.device)
         torch.manual_seed(train_config.seed)  # identical initial weights on every process
         self.model = build_model(model_config).to(self.device).train()
-        if init_weights is not None:
+        self.init_report = self.backbone_report = None
+        if backbone_weights is not None:
+            self.backbone_report = load_backbone_weights(self.model, backbone_weights)
+        if init_weights is not None and init_config is not None:
+            self.init_report = load_for_finetuning(self.model, model_config, init_weights, init_config)
+        elif init_weights is not None:
             load_state_dict_strict(self.model, init_weights, "initial weights")
         if train_config.backbone_norm not in BACKBONE_NORMS:
             raise ValueError(f"backbone_norm {train_config.backbone_norm!r} is not one of {BACKBONE_NORMS}")
@@ -211,6 +185,8 @@ class Trainer:
         self.items = SeededItems(dataset, build_augmentation(train_config), train_config.seed)
         self.step = 0
         self.show_progress = show_progress and self.rank == 0
+        self.val_dataset = val_dataset
+        self.best: tuple[str, float] | None = None  # (figure, value) of out_dir/model-best
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
@@ -329,7 +305,7 @@ class Trainer:
         )
         metrics_path = self.out_dir / "metrics.jsonl"
         last: dict = {}
-        started = time.perf_counter()
+        started, started_step = time.perf_counter(), self.step
         while self.step < config.max_iters:
             epoch, skip = divmod(self.step, per_epoch)
             for batch in self._loader(epoch, skip):
@@ -346,6 +322,12 @@ class Trainer:
                     if self.rank == 0:
                         with open(metrics_path, "a") as handle:
                             handle.write(json.dumps(last) + "\n")
+                        if not self.show_progress:  # no bar: a line per --log-every steps instead
+                            print(log_line(last, config.max_iters, started_step), flush=True)
+                if self.val_dataset is not None and (
+                    self.step % config.eval_every == 0 or self.step == config.max_iters
+                ):
+                    self.evaluate(metrics_path)
                 if self.step % config.checkpoint_every == 0 or self.step == config.max_iters:
                     self.save()
                     if self.rank == 0 and metrics_path.exists():
@@ -353,6 +335,8 @@ class Trainer:
                 if self.step >= config.max_iters:
                     break
         progress.close()
+        if self.rank == 0 and metrics_path.exists():
+            plot_loss_curve(read_metrics(metrics_path), self.out_dir / "loss.png")
         if self.rank == 0:
             save_checkpoint(
                 frozen_state_dict(self.model.state_dict()),
@@ -362,6 +346,43 @@ class Trainer:
             )
         dist_utils.barrier()
         return last
+
+    def evaluate(self, metrics_path: Path) -> dict | None:
+        """Score the validation set now; log the figures, keep the best model (rank 0 returns them)."""
+        from mask2former.training.validation import primary_figure, validate
+
+        self.model.eval()
+        try:
+            figures = validate(
+                self.model,
+                self.model_config,
+                self.val_dataset,
+                self.config.device,
+                self.rank,
+                self.world_size,
+            )
+        finally:
+            self.model.train()
+        if self.rank != 0 or figures is None:
+            return None
+        key = primary_figure(self.model_config)
+        row = {"step": self.step, **figures}
+        with open(metrics_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        value = figures.get(key)
+        improved = value is not None and (self.best is None or value > self.best[1])
+        if improved:
+            self.best = (key, value)
+            save_checkpoint(
+                frozen_state_dict(self.model.state_dict()),
+                self.model_config,
+                self.out_dir / "model-best",
+                extra={"trained_steps": self.step, key: value, "train_config": asdict(self.config)},
+            )
+        shown = "  ".join(f"{k[4:]} {v:.2f}" for k, v in figures.items())
+        print(f"step {self.step}: validation {shown}" + ("  (best so far: model-best)" if improved else ""))
+        plot_loss_curve(read_metrics(metrics_path), self.out_dir / "loss.png")
+        return figures
 
 
 def check_finite(value: float, step: int) -> None:
