@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model config, synthetic datasets and a tiny trainer, built once per session.
 
-Tests ask for them by name instead of importing each other's helpers:
+Tests ask for them by name (or, in module-level helpers, import the plain functions `tiny_model_config`,
+`synth_data` and `write_tiny_config` from conftest) instead of importing each other's helpers:
 - `tiny_config()`: a fresh ModelConfig of synth-tiny shrunk further (~110k parameters; one training step on a
   64x64 image takes ~20 ms on one core), safe to edit;
 - `tiny_config_file`: that config written as JSON (for `train --config`);
@@ -22,7 +23,7 @@ from mask2former.config import ModelConfig, get_preset
 EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "src" / "mask2former" / "assets" / "example.png"
 
 
-def _tiny_model_config() -> ModelConfig:
+def tiny_model_config() -> ModelConfig:
     config = get_preset("synth-tiny")
     config.name = "synth-test"
     backbone = config.backbone
@@ -34,32 +35,40 @@ def _tiny_model_config() -> ModelConfig:
     return config
 
 
+def write_tiny_config(path: Path) -> Path:
+    path.write_text(json.dumps(tiny_model_config().to_dict()))
+    return path
+
+
+def synth_data(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (64, 64)) -> Path:
+    """Write n synthetic scenes into `folder` (a private copy; prefer the shared `synth_dataset`)."""
+    from mask2former.data.synth import generate
+
+    generate(folder, n, seed=seed, size=tuple(size))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """Call it for a fresh tiny ModelConfig."""
-    return _tiny_model_config
+    return tiny_model_config
 
 
 @pytest.fixture(scope="session")
 def tiny_config_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny.json"
-    path.write_text(json.dumps(_tiny_model_config().to_dict()))
-    return path
+    return write_tiny_config(tmp_path_factory.mktemp("config") / "tiny.json")
 
 
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory):
     """Call it as synth_dataset(n, seed=0, size=(64, 64)) for a dataset folder (shared: do not modify)."""
-    from mask2former.data.synth import generate
-
     made: dict[tuple, Path] = {}
 
     def make(n: int, seed: int = 0, size: tuple[int, int] = (64, 64)) -> Path:
         key = (n, seed, tuple(size))
         if key not in made:
             folder = tmp_path_factory.mktemp(f"synth-{n}-{seed}-{size[0]}x{size[1]}")
-            generate(folder, n, seed=seed, size=tuple(size))
-            made[key] = folder
+            made[key] = synth_data(folder, n, seed, size)
         return made[key]
 
     return make
@@ -81,7 +90,7 @@ def tiny_trainer(data: Path, out: Path, **overrides):
         log_every=1,
     )
     train_config = TrainConfig(**(settings | overrides))
-    return Trainer(_tiny_model_config(), train_config, open_dataset(data), out, show_progress=False)
+    return Trainer(tiny_model_config(), train_config, open_dataset(data), out, show_progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import synth_data, tiny_model_config
 from safetensors.torch import save_file
 
 from mask2former.checkpoints.backbone_weights import load_backbone_weights
 from mask2former.checkpoints.io import CheckpointError
 from mask2former.cli import main
 from mask2former.modeling.build import build_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import synth_data, tiny_model_config  # noqa: E402
 
 
 def resnet_config():

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from mask2former.checkpoints.finetune import CLASS_HEAD, adapt_class_head, load_for_finetuning
 from mask2former.checkpoints.io import CheckpointError, save_checkpoint
 from mask2former.cli import main
 from mask2former.data.synth import generate, synth_meta
 from mask2former.modeling.build import build_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import tiny_model_config  # noqa: E402
 
 NEW_CLASSES = ["circle", "ring", "hexagon", "cross", "sky", "water", "wall"]
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import synth_data, write_tiny_config
 from PIL import Image
 
 from mask2former.cli import build_parser, main
@@ -14,9 +13,6 @@ from mask2former.training.plot import _log_ticks, nice_ticks, plot_loss_curve, r
 from mask2former.training.progress import log_line
 from mask2former.training.recipes import recipe_for
 from mask2former.training.train_config import TrainConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import synth_data, write_tiny_config  # noqa: E402
 
 
 def test_recipes_follow_the_official_configs_and_the_bundled_model():
