@@ -10,10 +10,9 @@ with the same number of classes (133 -> COCO panoptic, 80 -> COCO instance, 150 
 
 from __future__ import annotations
 
-import json
-
 import colorsys
 import dataclasses
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

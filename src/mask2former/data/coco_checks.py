@@ -126,7 +126,7 @@ def _check_segment(segment: Any, where: str, category_ids: set | None) -> None:
 
 
 def check_segmentation(segmentation: Any, size: tuple[int, int] | None, where: str) -> None:
-    """Polygons [[x0, y0, x1, y1, ...], ...] (finite numbers, even length >= 6) or an RLE of the image's size."""
+    """Polygons [[x0, y0, x1, y1, ...], ...] (finite, even length >= 6) or an RLE of the image's size."""
     if isinstance(segmentation, Mapping):
         try:
             rle.check(dict(segmentation), size)
