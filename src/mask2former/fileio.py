@@ -12,9 +12,11 @@ error type. The panoptic PNG encodes a segment id as RGB with id = R + 256 G + 2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,12 +115,31 @@ class PngError(ValueError):
     """A PNG that cannot be read as asked (one line naming the file)."""
 
 
+@contextlib.contextmanager
+def _opened_png(path: Path):
+    """Image.open with the pixel limit checked from the header (before decoding) and Pillow's own
+    DecompressionBombWarning kept off stderr (the limit says it in one line instead)."""
+    from mask2former import limits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            width, height = image.size
+            try:
+                limits.IMAGE_PIXELS.check(width * height, f"{path} ({width}x{height})")
+            except limits.LimitError as error:
+                raise PngError(str(error)) from None
+            yield image
+
+
 def read_png(path: PathLike, mode: str | None = None) -> np.ndarray:
     """Decode a PNG fully -> array ((H, W) or (H, W, C)); `mode` converts first (e.g. "RGB")."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _opened_png(path) as image:
             return np.asarray(image.convert(mode) if mode else image)
+    except PngError:
+        raise
     except FileNotFoundError:
         raise PngError(f"{path}: no such file") from None
     except _PIL_ERRORS as error:
@@ -132,7 +153,7 @@ def read_label_png(path: PathLike) -> np.ndarray:
     """Single-channel label PNG (8- or 16-bit values, or palette indices) -> (H, W) int32."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _opened_png(path) as image:
             if image.mode not in LABEL_MODES:
                 raise PngError(
                     f"{path}: label PNG has mode {image.mode}; expected one channel of class values"

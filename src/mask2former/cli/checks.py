@@ -113,3 +113,21 @@ def check_output_file(flag: str, path: str | os.PathLike) -> Path:
         raise UserError(f"{flag} {path}: exists and is not a regular file")
     _check_creatable(flag, path, path.parent)
     return path
+
+
+def check_limit(limit, amount: int, subject: str) -> None:
+    """limits.Limit.check as a UserError (the message names the flag and the variable that raises it)."""
+    from mask2former.limits import LimitError
+
+    try:
+        limit.check(amount, subject)
+    except LimitError as error:
+        raise UserError(str(error)) from None
+
+
+def check_input_size(flag: str, size: tuple[int, int] | None) -> None:
+    """A network input size (H, W) under limits.INPUT_PIXELS (export, bench, ops, synth)."""
+    from mask2former import limits
+
+    if size is not None:
+        check_limit(limits.INPUT_PIXELS, size[0] * size[1], f"{flag} {size[0]}x{size[1]}")

@@ -117,14 +117,27 @@ def _unique_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
+# ---- numeric and output checks (issue #17): shared helpers of cli/checks.py ----
+def check_predict_options(args: argparse.Namespace) -> None:
+    """One-line UserErrors for predict's numbers and --out before any model is loaded."""
+    from mask2former.cli import checks
+
+    checks.check_number("--batch-size", args.batch_size, checks.Range(1, 1024))
+    checks.check_number("--short-edge", args.short_edge, checks.AT_LEAST_1)
+    checks.check_number("--max-size", args.max_size, checks.AT_LEAST_1)
+    checks.check_output_folder("--out", args.out)
+
+
+# ---- end of the checks ----
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mask2former.data.image_io import ImageReadError, list_images, load_image
     from mask2former.writers import PredictionWriter
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_predict_options(args)
     try:
         paths = list_images(args.inputs)
     except (ImageReadError, ValueError, FileNotFoundError) as error:
