@@ -133,10 +133,13 @@ def _sized_constructors(budget: _Budget) -> dict[tuple[str, str], Any]:
     return built
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle._Unpickler):
     """An Unpickler that resolves only allow-listed globals and refuses persistent ids (torch storages).
 
-    Constructors that allocate from a size in the file are bounded by the file's size (`file_size`)."""
+    Constructors that allocate from a size in the file are bounded by the file's size (`file_size`). It
+    is pickle's Python unpickler: the C one allocates the buffer a length field announces (8 bytes can
+    say 8 GB) before reading, where this one reads what the file holds (`_Clamped`) and finds it short.
+    Arrays are read as whole byte strings, so the Python loop runs per object, not per byte."""
 
     def __init__(self, file: BinaryIO, source: str, file_size: int | None = None):
         # latin1 lets Python 3 read numpy arrays pickled by Python 2 (older detectron2 model zoo files).

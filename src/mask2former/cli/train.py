@@ -154,7 +154,7 @@ TRAIN_RANGES = {
     "log_every": checks.AT_LEAST_1,
     "seed": checks.Range(0, 2**32 - 1),
     "num_workers": checks.Range(0, 256),
-    "crop_size": checks.Range(1, 16384),
+    "crop_size": checks.AT_LEAST_1,  # and limits.INPUT_PIXELS below
     "min_scale": checks.POSITIVE,
     "max_scale": checks.POSITIVE,
     "num_points": checks.Range(1, 1 << 20),
