@@ -48,9 +48,14 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist; create it first")
     temp = temporary_path(path)
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    mode = os.fstat(handle).st_mode & 0o777  # 0o666 less the umask
+    os.close(handle)
     try:
         write(temp)
+        # Some writers replace the file by one of their own (safetensors creates it 0600): restore the mode.
+        if os.stat(temp).st_mode & 0o777 != mode:
+            os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

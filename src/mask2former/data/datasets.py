@@ -390,9 +390,15 @@ def _image_dir_for(json_path: Path, root: Path, first_file: str | None) -> Path:
     """Where a COCO json's images live: images/, the split folder named in the json's name, or root."""
     split = json_path.stem.split("_", 1)[-1]  # panoptic_val2017 -> val2017
     candidates = [root / "images", root / split, root.parent / split, root / "images" / split, root]
+    # The json's own PNG folder (panoptic.json -> panoptic/) holds annotations, never the images, even when
+    # its names match: a missing first image must not make the id maps pass for photos.
+    candidates = [folder for folder in candidates if folder != json_path.with_suffix("")]
     for folder in candidates:
         if folder.is_dir() and (first_file is None or (folder / first_file).exists()):
             return folder
+    existing = [folder for folder in candidates if folder.is_dir() and folder != root]
+    if existing:  # the first image is missing: loading it will name it
+        return existing[0]
     looked = ", ".join(str(c) for c in candidates)
     raise DatasetError(f"{json_path}: cannot find its images (looked in {looked})")
 
