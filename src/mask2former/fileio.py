@@ -177,8 +177,12 @@ def id2rgb(ids: np.ndarray | int) -> np.ndarray | list[int]:
     if isinstance(ids, (int, np.integer)):
         value = int(ids)
         return [value % 256, value // 256 % 256, value // 65536 % 256]
-    ids = np.asarray(ids, dtype=np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+    ids = np.asarray(ids)
+    ids = ids if ids.dtype.kind in "iu" else ids.astype(np.int64)
+    colors = np.empty((*ids.shape, 3), dtype=np.uint8)  # channel by channel: no (..., 3) int64 temporary
+    for channel in range(3):
+        colors[..., channel] = (ids >> (8 * channel)) & 255
+    return colors
 
 
 def rgb2id(color: np.ndarray | Sequence[int]) -> np.ndarray | int:
