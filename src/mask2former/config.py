@@ -100,9 +100,19 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> ModelConfig:
+        """Raise ValueError (one line naming the key) unless a model can be built and run from this config;
+        returns self (config_checks.py holds the rules)."""
+        from mask2former.config_checks import validate
+
+        validate(self)
+        return self
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown keys are an error so a typo never passes silently."""
+        """Inverse of `to_dict`, validated; unknown keys are an error so a typo never passes silently."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a model config must be a JSON object, not {type(data).__name__}")
         sections = {
             "backbone": BackboneConfig,
             "pixel_decoder": PixelDecoderConfig,
@@ -116,11 +126,11 @@ class ModelConfig:
                 raise ValueError(f"unknown model config key {key!r}")
             if key in sections:
                 kwargs[key] = _section_from_dict(sections[key], value)
-            elif key == "colors":
-                kwargs[key] = [tuple(c) for c in value]
+            elif key == "colors" and isinstance(value, list):
+                kwargs[key] = [tuple(c) if isinstance(c, list) else c for c in value]
             else:
                 kwargs[key] = value
-        return cls(**kwargs)
+        return cls(**kwargs).validate()
 
 
 # Keys written by earlier versions, read under their current names.
@@ -128,6 +138,8 @@ _LEGACY_KEYS = {"TransformerDecoderConfig": {"nheads": "num_heads"}}
 
 
 def _section_from_dict(section: type, value: dict[str, Any]):
+    if not isinstance(value, dict):
+        raise ValueError(f"{section.__name__} must be a JSON object, not {type(value).__name__}")
     renames = _LEGACY_KEYS.get(section.__name__, {})
     value = {renames.get(key, key): item for key, item in value.items()}
     known = {f.name: f for f in dataclasses.fields(section)}

@@ -12,9 +12,11 @@ error type. The panoptic PNG encodes a segment id as RGB with id = R + 256 G + 2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,9 +48,14 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist; create it first")
     temp = temporary_path(path)
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+    handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    mode = os.fstat(handle).st_mode & 0o777  # 0o666 less the umask
+    os.close(handle)
     try:
         write(temp)
+        # Some writers replace the file by one of their own (safetensors creates it 0600): restore the mode.
+        if os.stat(temp).st_mode & 0o777 != mode:
+            os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -113,12 +120,31 @@ class PngError(ValueError):
     """A PNG that cannot be read as asked (one line naming the file)."""
 
 
+@contextlib.contextmanager
+def _opened_png(path: Path):
+    """Image.open with the pixel limit checked from the header (before decoding) and Pillow's own
+    DecompressionBombWarning kept off stderr (the limit says it in one line instead)."""
+    from mask2former import limits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            width, height = image.size
+            try:
+                limits.IMAGE_PIXELS.check(width * height, f"{path} ({width}x{height})")
+            except limits.LimitError as error:
+                raise PngError(str(error)) from None
+            yield image
+
+
 def read_png(path: PathLike, mode: str | None = None) -> np.ndarray:
     """Decode a PNG fully -> array ((H, W) or (H, W, C)); `mode` converts first (e.g. "RGB")."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _opened_png(path) as image:
             return np.asarray(image.convert(mode) if mode else image)
+    except PngError:
+        raise
     except FileNotFoundError:
         raise PngError(f"{path}: no such file") from None
     except _PIL_ERRORS as error:
@@ -132,7 +158,7 @@ def read_label_png(path: PathLike) -> np.ndarray:
     """Single-channel label PNG (8- or 16-bit values, or palette indices) -> (H, W) int32."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _opened_png(path) as image:
             if image.mode not in LABEL_MODES:
                 raise PngError(
                     f"{path}: label PNG has mode {image.mode}; expected one channel of class values"
@@ -151,8 +177,12 @@ def id2rgb(ids: np.ndarray | int) -> np.ndarray | list[int]:
     if isinstance(ids, (int, np.integer)):
         value = int(ids)
         return [value % 256, value // 256 % 256, value // 65536 % 256]
-    ids = np.asarray(ids, dtype=np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+    ids = np.asarray(ids)
+    ids = ids if ids.dtype.kind in "iu" else ids.astype(np.int64)
+    colors = np.empty((*ids.shape, 3), dtype=np.uint8)  # channel by channel: no (..., 3) int64 temporary
+    for channel in range(3):
+        colors[..., channel] = (ids >> (8 * channel)) & 255
+    return colors
 
 
 def rgb2id(color: np.ndarray | Sequence[int]) -> np.ndarray | int:

@@ -85,6 +85,59 @@ def _string_to_counts(counts: str | bytes) -> np.ndarray:
     return out
 
 
+def check(rle: object, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Validate one RLE dict before anything allocates from it -> its counts (M,) int64.
+
+    Refuses (ValueError, one line) a size that is not two non-negative integers (or differs from `size`,
+    the image's (H, W)), a size over the image pixel limit, counts that are not a compressed string or a
+    list of integers, a string whose values overflow 32 bits, negative counts, more runs than pixels and
+    counts that do not add up to H*W. The reference decoder reads such garbage as huge unsigned runs.
+    """
+    from mask2former import limits
+
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError("an RLE must be an object with 'size' and 'counts'")
+    shape = rle["size"]
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 2
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in shape)
+    ):
+        raise ValueError(f"RLE size {shape!r} is not [height, width] of two non-negative integers")
+    h, w = int(shape[0]), int(shape[1])
+    if size is not None and [h, w] != [int(size[0]), int(size[1])]:
+        raise ValueError(f"RLE size {[h, w]} differs from the image's {[int(size[0]), int(size[1])]}")
+    limits.IMAGE_PIXELS.check(h * w, f"RLE size {[h, w]}")
+    raw = rle["counts"]
+    if isinstance(raw, (str, bytes)):
+        if isinstance(raw, str) and not raw.isascii():
+            raise ValueError("RLE counts string has non-ASCII characters")
+        data = np.frombuffer(raw.encode("ascii") if isinstance(raw, str) else raw, dtype=np.uint8)
+        if data.size and (data.min() < 48 or data.max() > 48 + 63):
+            raise ValueError("RLE counts string has characters outside the compressed alphabet")
+        if data.size > 2 * _MAX_GROUPS * (h * w + 1):
+            raise ValueError(f"RLE counts string of {data.size} characters is too long for {h}x{w} pixels")
+        ends = np.flatnonzero((data.astype(np.int64) - 48) & 0x20 == 0)
+        if ends.size and np.diff(np.concatenate([[-1], ends])).max() > _MAX_GROUPS:
+            raise ValueError("RLE counts string holds a value of more than 32 bits")
+        counts = _string_to_counts(raw)
+    elif isinstance(raw, list):
+        if len(raw) > h * w + 1:
+            raise ValueError(f"RLE has {len(raw)} counts for {h}x{w} pixels")
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+            raise ValueError("RLE counts list must hold integers")
+        counts = np.asarray(raw, dtype=np.int64) if raw else np.zeros(0, dtype=np.int64)
+    else:
+        raise ValueError(f"RLE counts must be a string or a list of integers, not {type(raw).__name__}")
+    if counts.size and int(counts.min()) < 0:
+        raise ValueError(f"RLE has a negative count ({int(counts.min())})")
+    if counts.size > h * w + 1:
+        raise ValueError(f"RLE has {counts.size} counts for {h}x{w} pixels")
+    if int(counts.sum()) != h * w:
+        raise ValueError(f"RLE counts sum to {int(counts.sum())}, not height x width = {h * w}")
+    return counts
+
+
 def _as_stack(masks: np.ndarray) -> np.ndarray:
     masks = np.asarray(masks)
     if masks.ndim == 2:

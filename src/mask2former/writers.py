@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mask2former import rle
+from mask2former import limits, rle
 from mask2former.config import ModelConfig
 from mask2former.data.catalog import DatasetMeta
 from mask2former.fileio import write_json
@@ -38,6 +38,8 @@ def draw_prediction(prediction: Prediction, meta: DatasetMeta):
     """The overlay picture (PIL image) of one prediction; small images are enlarged first."""
     image, result = prediction.image, prediction.result
     factor = -(-MIN_PICTURE_SIDE // max(1, min(image.shape[:2])))
+    # ... but never past limits.PICTURE_SIDE on the long side (a 30x40000 strip stays as it is).
+    factor = min(factor, max(1, limits.PICTURE_SIDE.value() // max(image.shape[:2])))
     if factor > 1:
         image = image.repeat(factor, 0).repeat(factor, 1)
     enlarge = (lambda a: a.repeat(factor, -2).repeat(factor, -1)) if factor > 1 else (lambda a: a)  # noqa: E731

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,11 @@ def detect_format(path: str | Path) -> str:
             return "hf"
         if is_our_format(path):
             return "ours"
+        if (path / "config.json").is_file():  # a config.json that is no JSON at all: say so
+            try:
+                json.loads((path / "config.json").read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({error})") from None
         raise CheckpointError(
             f"{path}: not a checkpoint folder (neither model.safetensors + our config.json nor a "
             "Hugging Face Mask2Former config.json)"
@@ -80,9 +86,12 @@ def convert_to_ours(
             raise CheckpointError(f"{path}: not a folder with model.safetensors and our config.json")
         config, state = read_checkpoint(path)
         return Converted(config, state, "ours")
-    if source_format == "detectron2":
-        return _from_detectron2(path, preset)
-    return _from_hf(path, preset)
+    converted = _from_detectron2(path, preset) if source_format == "detectron2" else _from_hf(path, preset)
+    try:
+        converted.config.validate()
+    except ValueError as error:
+        raise CheckpointError(f"{path}: the checkpoint implies an invalid model config ({error})") from None
+    return converted
 
 
 def read_any_checkpoint(

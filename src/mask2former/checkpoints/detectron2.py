@@ -46,6 +46,10 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     weights = _weights_dict(stored, path)
     state = {}
     for key, value in weights.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: weight name {key!r} is a {type(key).__name__}, not a string")
+        if isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
+            raise CheckpointError(f"{path}: entry {key!r} is an array of {value.dtype}, not of numbers")
         if isinstance(value, np.ndarray):
             # Arrays from a pickle may be read-only; torch wants writable memory it can own.
             state[key] = torch.from_numpy(np.array(value, copy=True))
@@ -141,9 +145,14 @@ def infer_config(state: dict[str, torch.Tensor], source: str, base: ModelConfig 
     can represent.
     """
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    backbone = _infer_backbone(shapes, source, base)
-    pixel_decoder = _infer_pixel_decoder(shapes, source, base)
-    decoder, num_classes = _infer_decoder(shapes, source, pixel_decoder, base)
+    try:
+        backbone = _infer_backbone(shapes, source, base)
+        pixel_decoder = _infer_pixel_decoder(shapes, source, base)
+        decoder, num_classes = _infer_decoder(shapes, source, pixel_decoder, base)
+    except (ValueError, IndexError, TypeError) as error:  # a weight of another rank (1-D for a 2-D one)
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: a weight has the wrong number of dimensions ({error})") from None
     return ModelConfig(
         backbone=backbone,
         pixel_decoder=pixel_decoder,

@@ -113,7 +113,21 @@ def _check_fixed(given: dict, fixed: dict, source: str) -> None:
 
 
 def config_from_hf(hf: dict, source: str) -> tuple[ModelConfig, list[str] | None]:
-    """(ModelConfig with generic class names, the id2label names or None when they are LABEL_i defaults)."""
+    """(ModelConfig with generic class names, the id2label names or None when they are LABEL_i defaults).
+
+    A value of the wrong type is a CheckpointError naming `source` (convert_to_ours validates the result)."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: config.json must hold a JSON object")
+    try:
+        config, names = _config_from_hf(hf, source)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise CheckpointError(f"{source}: config.json is not a usable Mask2Former config ({error})") from None
+    return config, names
+
+
+def _config_from_hf(hf: dict, source: str) -> tuple[ModelConfig, list[str] | None]:
 
     def get(key: str, default):
         return default if hf.get(key) is None else hf[key]

@@ -41,6 +41,10 @@ def save_checkpoint(
     Buffers that carry no weights (e.g. Swin's relative_position_index) are saved too: loading stays strict.
     """
     out_dir = Path(out_dir)
+    try:
+        config.validate()  # never write a config.json that no reader would accept
+    except ValueError as error:
+        raise CheckpointError(f"{out_dir}: refusing to write an invalid model config ({error})") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write(
@@ -59,11 +63,18 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     config_path = Path(path) / CONFIG_NAME
     try:
         document = json.loads(config_path.read_text())
-        return ModelConfig.from_dict(document["model"]), document
     except FileNotFoundError:
         raise CheckpointError(f"{config_path}: no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{config_path}: not a mask2former config ({error})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path}: cannot read ({error})") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("model"), dict):
+        raise CheckpointError(f"{config_path}: not a mask2former config (no 'model' object)")
+    try:
+        return ModelConfig.from_dict(document["model"]), document
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: invalid model config ({error})") from None
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

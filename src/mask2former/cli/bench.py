@@ -18,6 +18,7 @@ import statistics
 import time
 
 from mask2former.cli import UserError
+from mask2former.cli.checks import check_input_size
 
 
 def register(subparsers) -> None:
@@ -104,11 +105,12 @@ def measure(args: argparse.Namespace) -> dict:
         if value < low:
             raise UserError(f"{name} {value}: must be at least {low}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads}: must be at least 1")
+        if args.threads < 1 or args.threads > 1024:
+            raise UserError(f"--threads {args.threads}: must be between 1 and 1024")
         torch.set_num_threads(args.threads)
     model, config = load(args)
     height, width = parse_size(args.size, config.input.size_divisibility or 1)
+    check_input_size("--size", (height * args.batch, width))
     images = torch.randn(args.batch, 3, height, width, generator=torch.Generator().manual_seed(0))
     path = use_kernels(deform_attn="reference") if args.reference else contextlib.nullcontext()
 

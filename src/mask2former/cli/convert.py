@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mask2former.checkpoints.convert import convert
     from mask2former.checkpoints.io import CheckpointError
+    from mask2former.cli.checks import check_output_file, check_output_folder
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
@@ -69,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dst}: a detectron2 checkpoint must end with .pkl or .pth")
     if args.target_format in ("ours", "hf") and dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a folder")
+    if args.target_format in ("ours", "hf"):
+        check_output_folder("output", dst)
+    else:
+        check_output_file("output", dst)
     try:
         converted = convert(src, dst, args.source_format, args.target_format, args.preset)
     except CheckpointError as error:

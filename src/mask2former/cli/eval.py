@@ -58,6 +58,8 @@ def register(subparsers) -> None:
 
 def evaluate_files(args: argparse.Namespace) -> dict:
     """Metrics of prediction files named by the --pred-* / --gt-* arguments."""
+    from mask2former import limits
+    from mask2former.cli.checks import check_limit
     from mask2former.evaluation import EvaluationError, files
 
     missing = [name for name in _FILE_ARGUMENTS[args.task] if getattr(args, name) is None]
@@ -73,6 +75,7 @@ def evaluate_files(args: argparse.Namespace) -> dict:
         if args.task == "semantic":
             if args.num_classes < 1:
                 raise UserError(f"--num-classes {args.num_classes}: must be at least 1")
+            check_limit(limits.CLASSES, args.num_classes, f"--num-classes {args.num_classes}")
             if 0 <= args.ignore_label < args.num_classes:
                 raise UserError(
                     f"--ignore-label {args.ignore_label} is a class index (--num-classes {args.num_classes})"
@@ -178,6 +181,10 @@ def _evaluate_model(args: argparse.Namespace) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mask2former.cli.checks import check_output_folder
+
+    if args.out is not None:
+        check_output_folder("--out", args.out)
     if args.weights is not None or args.data is not None:
         given = [
             name

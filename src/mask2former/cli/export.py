@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from mask2former.cli import UserError, flag_error
+from mask2former.cli.checks import check_input_size, check_output_file
 from mask2former.cli.ops import parse_size
 
 FORMATS = ("onnx",)
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: the file name must end in .onnx")
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
+    check_output_file("--out", args.out)
+    check_input_size("--size", size)
     try:
         require("onnx")
         require("onnxruntime")

@@ -40,6 +40,7 @@ def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | No
 
 
 def run(args: argparse.Namespace) -> int:
+    from mask2former.cli.checks import AT_LEAST_1, check_input_size, check_number
     from mask2former.export.ops import (
         float64_locations,
         forbidden_ops,
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from mask2former.export.runtime import ExportError
 
     size = parse_size(args.size)
-    if args.batch < 1:
-        raise UserError(f"--batch {args.batch}: must be at least 1")
+    check_number("--batch", args.batch, AT_LEAST_1)
+    check_input_size("--size", size)
     try:
         model = load_graph(args.model)
         inventory = op_inventory(model, size=size, batch=args.batch)

@@ -165,6 +165,20 @@ def _needed_classes(predictor, task: str) -> list[bool]:
     return [True] * predictor.config.num_classes
 
 
+# ---- numeric and output checks (issue #17): shared helpers of cli/checks.py ----
+def check_predict_options(args: argparse.Namespace) -> None:
+    """One-line UserErrors for predict's numbers and --out before any model is loaded."""
+    from mask2former.cli import checks
+
+    checks.check_number("--batch-size", args.batch_size, checks.Range(1, 1024))
+    checks.check_number("--short-edge", args.short_edge, checks.AT_LEAST_1)
+    checks.check_number("--max-size", args.max_size, checks.AT_LEAST_1)
+    checks.check_output_folder("--out", args.out)
+
+
+# ---- end of the checks ----
+
+
 def run(args: argparse.Namespace) -> int:
     from mask2former.cli import flag_error
     from mask2former.outputs.folder import predict_folder
@@ -172,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from mask2former.outputs.journal import FolderError
     from mask2former.writers import PredictionWriter, meta_from_config
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_predict_options(args)
     thresholds = _thresholds(args)
     try:
         images, gt = plan_inputs(args.inputs, args.gt_json)

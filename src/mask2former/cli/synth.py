@@ -41,11 +41,22 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from mask2former.cli.checks import (
+        NON_NEGATIVE,
+        Range,
+        check_input_size,
+        check_number,
+        check_output_folder,
+    )
     from mask2former.data.synth import generate
 
     size = parse_size(args.size)
-    if args.n < 0:
-        raise UserError(f"--n {args.n}: must be 0 or more")
+    check_number("--n", args.n, Range(0, 10_000_000))
+    check_number("--seed", args.seed, NON_NEGATIVE)
+    if min(size) < 16:
+        raise UserError(f"--size {args.size}: height and width must be at least 16")
+    check_input_size("--size", size)
+    check_output_folder("dir", args.dir)
     start = time.perf_counter()
     try:
         classes = [name.strip() for name in args.classes.split(",") if name.strip()] if args.classes else None

@@ -10,7 +10,7 @@ import copy
 import json
 from pathlib import Path
 
-from mask2former.cli import UserError
+from mask2former.cli import UserError, checks
 
 
 def register(subparsers) -> None:
@@ -194,13 +194,88 @@ def _read_init(weights: str):
     return init_model.state_dict(), init_config
 
 
+def _read_train_config(path: Path):
+    """The train_config.json of a run being resumed (one-line UserError naming the file)."""
+    from mask2former.training.trainer import TrainConfig
+
+    try:
+        document = json.loads(path.read_text())
+        if not isinstance(document, dict):
+            raise ValueError("expected a JSON object")
+        return TrainConfig.from_dict(document)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read ({error})") from None
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{path}: not a train config ({str(error).splitlines()[0]})") from None
+
+
+# Allowed values of every number of a TrainConfig (from a flag or a resumed run's train_config.json).
+TRAIN_RANGES = {
+    "max_iters": checks.AT_LEAST_1,
+    "batch_size": checks.AT_LEAST_1,
+    "lr": checks.POSITIVE,
+    "weight_decay": checks.NON_NEGATIVE,
+    "backbone_multiplier": checks.NON_NEGATIVE,
+    "clip_grad_norm": checks.POSITIVE,
+    "poly_power": checks.POSITIVE,
+    "warmup_iters": checks.NON_NEGATIVE,
+    "warmup_factor": checks.Range(0, 1, open_low=True),
+    "checkpoint_every": checks.AT_LEAST_1,
+    "log_every": checks.AT_LEAST_1,
+    "seed": checks.Range(0, 2**32 - 1),
+    "num_workers": checks.Range(0, 256),
+    "crop_size": checks.AT_LEAST_1,  # and limits.INPUT_PIXELS below
+    "min_scale": checks.POSITIVE,
+    "max_scale": checks.POSITIVE,
+    "num_points": checks.Range(1, 1 << 20),
+    "oversample_ratio": checks.Range(1, 100),
+    "importance_sample_ratio": checks.FRACTION,
+    "class_weight": checks.NON_NEGATIVE,
+    "mask_weight": checks.NON_NEGATIVE,
+    "dice_weight": checks.NON_NEGATIVE,
+    "no_object_weight": checks.NON_NEGATIVE,
+}
+TRAIN_CHOICES = {
+    "schedule": ("poly", "step", "cosine"),
+    "augment": ("lsj", "multiscale", "none"),
+    "backbone_norm": ("frozen", "bn"),
+}
+
+
+def check_train_config(config, given: dict[str, str], saved: Path) -> None:
+    """One-line UserError for a value no run can use (a negative batch size used to loop forever).
+
+    given: field name -> the flag that set it; other values came from `saved` (a resumed run) or defaults.
+    """
+    from mask2former import limits
+
+    def name(field: str) -> str:
+        return given.get(field) or f"{saved}: {field}"
+
+    for field, allowed in TRAIN_RANGES.items():
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name(field)} {value!r}: must be a number")
+        checks.check_number(name(field), value, allowed)
+    for field, choices in TRAIN_CHOICES.items():
+        if getattr(config, field) not in choices:
+            raise UserError(f"{name(field)} {getattr(config, field)!r}: must be one of {', '.join(choices)}")
+    checks.check_ordered(name("min_scale"), config.min_scale, name("max_scale"), config.max_scale)
+    try:
+        limits.INPUT_PIXELS.check(config.crop_size**2, f"{name('crop_size')} {config.crop_size}")
+    except limits.LimitError as error:
+        raise UserError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from mask2former.checkpoints.io import CheckpointError
-    from mask2former.data.datasets import open_dataset
+    from mask2former.cli.checks import check_output_folder
+    from mask2former.data.datasets import DatasetError, open_dataset
+    from mask2former.fileio import write_json
     from mask2former.training.recipes import recipe_for
-    from mask2former.training.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+    from mask2former.training.trainer import CHECKPOINT_NAME, Trainer
 
-    out_dir = Path(args.out)
+    out_dir = check_output_folder("--out", args.out)
     if args.eval_every is not None and args.eval_every < 1:
         raise UserError(f"--eval-every {args.eval_every}: must be at least 1")
     if args.init and args.backbone_weights:
@@ -213,11 +288,14 @@ def run(args: argparse.Namespace) -> int:
         if not (out_dir / CHECKPOINT_NAME).exists():
             raise UserError(f"--resume: no {out_dir / CHECKPOINT_NAME} to resume from")
         if saved_config.exists():
-            train_config = TrainConfig.from_dict(json.loads(saved_config.read_text()))
+            train_config = _read_train_config(saved_config)
+    given = {}
     for arg_name, field_name in OVERRIDES.items():
         value = getattr(args, arg_name)
         if value is not None:
             setattr(train_config, field_name, value)
+            given[field_name] = "--" + arg_name.replace("_", "-")
+    check_train_config(train_config, given, saved_config)
     try:
         dataset = open_dataset(args.data)
     except (FileNotFoundError, ValueError) as error:
@@ -247,17 +325,25 @@ def run(args: argparse.Namespace) -> int:
         print(trainer.backbone_report.summary())
     if trainer.rank == 0 and trainer.init_report is not None:
         print(trainer.init_report.summary())
+    if args.resume:
+        try:
+            resumed = trainer.resume()
+        except CheckpointError as error:
+            raise UserError(f"--resume: {str(error).splitlines()[0]}") from None
+        if resumed and trainer.rank == 0:
+            print(f"resumed from {out_dir / CHECKPOINT_NAME} at step {trainer.step}")
     if trainer.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        saved_config.write_text(
-            json.dumps(vars(train_config) | {"milestones": list(train_config.milestones)}, indent=1)
-        )
-    if args.resume and trainer.resume() and trainer.rank == 0:
-        print(f"resumed from {out_dir / CHECKPOINT_NAME} at step {trainer.step}")
+        write_json(saved_config, vars(train_config) | {"milestones": list(train_config.milestones)}, indent=1)
     try:
         last = trainer.train()
     except FloatingPointError as error:  # diverged: the message says what to change
         raise UserError(str(error)) from None
+    except DatasetError as error:  # a bad image or annotation met while training: name it
+        # A DataLoader worker's error carries the worker's traceback; its last line is the message.
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        message = lines[-1].removeprefix("mask2former.data.datasets.DatasetError: ") if lines else ""
+        raise UserError(f"--data {args.data}: {message}") from None
     if trainer.rank == 0:
         print(
             f"trained {model_config.name} for {trainer.step} steps; "

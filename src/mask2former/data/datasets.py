@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mask2former import fileio, rle
+from mask2former.data import coco_checks
 from mask2former.data.catalog import DatasetMeta
 from mask2former.data.image_io import IMAGE_EXTENSIONS, ImageReadError, load_image
 from mask2former.fileio import read_panoptic_png
@@ -100,6 +101,21 @@ class _MaskDataset(torch.utils.data.Dataset):
         }
 
 
+def _check_coco(data: object, path: Path, panoptic: bool) -> None:
+    """The format checks of coco_checks (unique ids, known categories, valid sizes and segmentations)."""
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a COCO JSON object")
+    try:
+        sizes = coco_checks.check_images(data.get("images"), path, sizes_required=False)
+        category_ids = coco_checks.check_categories(data.get("categories"), path)
+        if panoptic:
+            coco_checks.check_panoptic_annotations(data.get("annotations"), path, category_ids)
+        else:
+            coco_checks.check_instance_annotations(data.get("annotations", []), path, sizes, category_ids)
+    except coco_checks.CocoFormatError as error:
+        raise DatasetError(str(error)) from None
+
+
 def _load_checked(path: Path) -> np.ndarray:
     try:
         return load_image(path)
@@ -134,6 +150,7 @@ class CocoPanopticDataset(_MaskDataset):
         self.image_dir, self.panoptic_dir = Path(image_dir), Path(panoptic_dir)
         self.json_path = Path(panoptic_json)
         data = _read_json(self.json_path)
+        _check_coco(data, self.json_path, panoptic=True)
         try:
             self.meta = meta_from_categories(data["categories"], name or self.json_path.stem)
             by_image = {a["image_id"]: a for a in data["annotations"]}
@@ -158,7 +175,10 @@ class CocoPanopticDataset(_MaskDataset):
         path = self.panoptic_dir / annotation["file_name"]
         if not path.exists():
             raise DatasetError(f"{path}: panoptic PNG not found")
-        id_map = read_panoptic_png(path).astype(np.int64)
+        try:
+            id_map = read_panoptic_png(path).astype(np.int64)
+        except fileio.PngError as error:
+            raise DatasetError(str(error)) from None
         if image is not None:
             _check_size(path, id_map, image)
         return id_map
@@ -240,6 +260,7 @@ class CocoInstanceDataset(_MaskDataset):
         self.image_dir = Path(image_dir)
         self.json_path = Path(instances_json)
         data = _read_json(self.json_path)
+        _check_coco(data, self.json_path, panoptic=False)
         try:
             self.meta = meta_from_categories(data["categories"], name or self.json_path.stem)
             self.images = list(data["images"])
@@ -377,9 +398,15 @@ def _image_dir_for(json_path: Path, root: Path, first_file: str | None) -> Path:
     """Where a COCO json's images live: images/, the split folder named in the json's name, or root."""
     split = json_path.stem.split("_", 1)[-1]  # panoptic_val2017 -> val2017
     candidates = [root / "images", root / split, root.parent / split, root / "images" / split, root]
+    # The json's own PNG folder (panoptic.json -> panoptic/) holds annotations, never the images, even when
+    # its names match: a missing first image must not make the id maps pass for photos.
+    candidates = [folder for folder in candidates if folder != json_path.with_suffix("")]
     for folder in candidates:
         if folder.is_dir() and (first_file is None or (folder / first_file).exists()):
             return folder
+    existing = [folder for folder in candidates if folder.is_dir() and folder != root]
+    if existing:  # the first image is missing: loading it will name it
+        return existing[0]
     looked = ", ".join(str(c) for c in candidates)
     raise DatasetError(f"{json_path}: cannot find its images (looked in {looked})")
 

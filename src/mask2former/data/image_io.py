@@ -11,11 +11,17 @@ conversions would clip 16-bit and float images to 0..255, so those are rescaled 
 
 from __future__ import annotations
 
+import errno
 import glob
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mask2former import limits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -33,9 +39,12 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     uint16 arrays are divided by 257. Anything else raises ImageReadError.
     """
     if isinstance(source, np.ndarray):
+        if source.ndim >= 2:
+            check_image_size("<array>", source.shape[1], source.shape[0])
         return _array_to_rgb(source)
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
+        check_image_size(name, *source.size)
         return _pil_to_rgb(source, name)
     if isinstance(source, str | Path):
         return _read_file(Path(source))
@@ -43,18 +52,56 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     raise ImageReadError(f"cannot read an image from a {kind}; pass a path, PIL image or array")
 
 
-def _read_file(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise ImageReadError(f"{path}: file not found")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a folder, not an image file")
+def check_readable_file(path: Path) -> None:
+    """ImageReadError naming what `path` is when it is not a regular file that can be opened for reading:
+    missing, a symlink loop, a folder, a FIFO (reading one would block), a device, or permission denied."""
     try:
-        with Image.open(path) as img:
-            # Image.open only parses the header; load() decodes every byte so truncation shows up here.
-            img.load()
-            return _pil_to_rgb(img, str(path))
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        dangling = os.path.islink(path)
+        raise ImageReadError(f"{path}: {'broken symbolic link' if dangling else 'file not found'}") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageReadError(f"{path}: symbolic link loop") from None
+        raise ImageReadError(f"{path}: cannot access ({error.strerror or error})") from None
+    kinds = {
+        stat.S_ISDIR: "is a folder, not an image file",
+        stat.S_ISFIFO: "is a FIFO (named pipe), not an image file",
+        stat.S_ISCHR: "is a character device, not an image file",
+        stat.S_ISBLK: "is a block device, not an image file",
+        stat.S_ISSOCK: "is a socket, not an image file",
+    }
+    for test, what in kinds.items():
+        if test(mode):
+            raise ImageReadError(f"{path}: {what}")
+    if not os.access(path, os.R_OK):
+        raise ImageReadError(f"{path}: permission denied")
+
+
+def check_image_size(name: str | Path, width: int, height: int) -> None:
+    """ImageReadError above the image pixel limit (limits.IMAGE_PIXELS), from the header before decoding:
+    every later stage (pre-processing, results at full resolution, pictures) grows with the pixel count."""
+    try:
+        limits.IMAGE_PIXELS.check(width * height, f"{name} ({width}x{height})")
+    except limits.LimitError as error:
+        raise ImageReadError(str(error)) from None
+
+
+def _read_file(path: Path) -> np.ndarray:
+    check_readable_file(path)
+    try:
+        # Our own limit is checked from the header; Pillow's bomb warning would only repeat it on stderr.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                check_image_size(path, *img.size)
+                # Image.open only parses the header; load() decodes every byte so truncation shows up here.
+                img.load()
+                return _pil_to_rgb(img, str(path))
     except ImageReadError:
         raise
+    except PermissionError:
+        raise ImageReadError(f"{path}: permission denied") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image file (or a format PIL cannot read)") from None
     except Image.DecompressionBombError as exc:
@@ -150,14 +197,16 @@ def list_images(inputs: list[str] | str) -> list[Path]:
     for item in inputs:
         text = str(item)
         path = Path(text)
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
+        if path.is_dir():
             images = sorted(p for p in path.iterdir() if p.is_file() and _is_image_name(p))
             if not images:
                 kinds = ", ".join(IMAGE_EXTENSIONS[:4])
                 raise ImageReadError(f"{path}: folder has no image files ({kinds}, ...)")
             found.extend(images)
+        elif os.path.lexists(path):
+            # A named file, a FIFO, a device or a broken/looping link: load_image says what is wrong with it,
+            # so such a path is skipped like a bad file in a folder.
+            found.append(path)
         elif _GLOB_CHARS & set(text):
             images = sorted(Path(p) for p in glob.glob(text, recursive=True))
             images = [p for p in images if p.is_file() and _is_image_name(p)]

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mask2former import fileio
+from mask2former.data import coco_checks
 from mask2former.evaluation import EvaluationError
 from mask2former.evaluation.instance import InstanceEvaluator
 from mask2former.evaluation.panoptic import PanopticEvaluator
@@ -89,6 +90,22 @@ def _index_predictions(annotations: list[dict], path: Path) -> tuple[dict, dict]
     return by_id, by_stem
 
 
+def _check_panoptic_files(gt: Any, gt_json: Path, predictions: Any, pred_json: Path) -> None:
+    """The format checks of data.coco_checks on both JSONs, as EvaluationErrors (one line, file and id)."""
+    try:
+        category_ids = coco_checks.check_categories(gt.get("categories"), gt_json)
+        if "images" in gt:
+            coco_checks.check_images(gt["images"], gt_json, sizes_required=False)
+        coco_checks.check_panoptic_annotations(gt.get("annotations"), gt_json, category_ids)
+        names = [Path(a["file_name"]).name for a in gt["annotations"]]
+        coco_checks.unique(names, gt_json, "file_name")
+        if not isinstance(predictions, dict):
+            raise coco_checks.CocoFormatError(f"{pred_json}: expected a COCO panoptic object")
+        coco_checks.check_panoptic_annotations(predictions.get("annotations"), pred_json)
+    except coco_checks.CocoFormatError as error:
+        raise EvaluationError(str(error)) from None
+
+
 def evaluate_panoptic_files(
     pred_json: PathLike, pred_dir: PathLike, gt_json: PathLike, gt_dir: PathLike, progress: bool = False
 ) -> dict:
@@ -102,7 +119,9 @@ def evaluate_panoptic_files(
     gt_annotations = _annotations(gt, gt_json)
     if not isinstance(gt.get("categories"), list) or not gt["categories"]:
         raise EvaluationError(f"{gt_json}: no 'categories' list")
-    by_id, by_stem = _index_predictions(_annotations(read_json(pred_json), pred_json), pred_json)
+    predictions = read_json(pred_json)
+    _check_panoptic_files(gt, gt_json, predictions, pred_json)
+    by_id, by_stem = _index_predictions(_annotations(predictions, pred_json), pred_json)
     for folder in (pred_dir, gt_dir):
         if not folder.is_dir():
             raise EvaluationError(f"{folder}: no such folder")
@@ -218,8 +237,13 @@ def evaluate_instance_files(pred_json: PathLike, gt_json: PathLike, verbose: boo
     if not isinstance(gt, dict):
         raise EvaluationError(f"{gt_json}: expected a COCO instances object")
     results = read_json(pred_json)
-    if not isinstance(results, list):
-        raise EvaluationError(f"{pred_json}: expected a list of COCO results")
+    try:
+        sizes = coco_checks.check_images(gt.get("images"), gt_json)
+        category_ids = coco_checks.check_categories(gt.get("categories"), gt_json)
+        coco_checks.check_instance_annotations(gt.get("annotations"), gt_json, sizes, category_ids)
+        coco_checks.check_results(results, pred_json, sizes, category_ids)
+    except coco_checks.CocoFormatError as error:
+        raise EvaluationError(str(error)) from None
     try:
         evaluator = InstanceEvaluator(gt, verbose=verbose)
     except EvaluationError as error:

@@ -149,4 +149,23 @@ def load_onnx_predictor(path: str | Path, threads: int = DEFAULT_THREADS):
     except (TypeError, ValueError) as error:
         raise ExportError(f"{find_sidecar(path)}: bad model config ({error})") from None
     runner = OnnxRunner(path, threads=threads)
+    check_sidecar_matches(runner, config, find_sidecar(path))
     return Predictor(runner, config, source=str(path), trained=bool(sidecar.get("trained", False)))
+
+
+def check_sidecar_matches(runner: OnnxRunner, config: ModelConfig, sidecar: Path) -> None:
+    """ExportError naming the sidecar when its config disagrees with the graph's static shapes: classes
+    (pred_logits (B, Q, K+1)), queries, and the input size of a fixed-size graph in deploy mode."""
+    outputs = {output.name: list(output.shape) for output in runner.session.get_outputs()}
+    logits = outputs.get("pred_logits", [None, None, None])
+    expected = {
+        "classes + 1 (pred_logits last axis)": (logits[-1], config.num_classes + 1),
+        "queries (pred_logits axis 1)": (logits[1] if len(logits) > 2 else None, config.decoder.num_queries),
+    }
+    size = config.input.size if config.input.mode == "deploy" else None
+    if size is not None:
+        expected["input height"] = (runner.input_shape[2], size[0])
+        expected["input width"] = (runner.input_shape[3], size[1])
+    for what, (graph, said) in expected.items():
+        if _is_static(graph) and graph != said:
+            raise ExportError(f"{sidecar}: says {what} {said} but the graph has {graph}")

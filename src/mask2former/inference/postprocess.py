@@ -25,6 +25,7 @@ from mask2former.results import InstanceResult, PanopticResult, PanopticSegment,
 
 Size = tuple[int, int]
 CHUNK = 16  # queries resized at a time: bounds peak memory at CHUNK x padded/original size floats
+PIXELS_PER_STEP = 1 << 24  # ... and at 16M pixels per step (64 MB of float32) for large original images
 
 
 def _check_pair(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
@@ -68,6 +69,7 @@ def resize_mask_logits(
         raise ValueError(f"mask_logits: expected (Q, h, w), got shape {tuple(mask_logits.shape)}")
     q = mask_logits.shape[0]
     out = torch.empty((q, *original_size), dtype=torch.float32, device=mask_logits.device)
+    chunk_size = _queries_per_step(chunk_size, original_size)
     for begin in range(0, q, chunk_size):
         out[begin : begin + chunk_size] = _to_padded_then_original(
             mask_logits[begin : begin + chunk_size], padded_size, image_size, original_size
@@ -109,6 +111,7 @@ def semantic_postprocess(
     _check_pair(class_logits, mask_logits)
     probs = _class_probs(class_logits)
     scores = None
+    chunk_size = _queries_per_step(chunk_size, original_size if postprocess_before_inference else padded_size)
     for begin in range(0, mask_logits.shape[0], chunk_size):
         chunk = mask_logits[begin : begin + chunk_size]
         if postprocess_before_inference:
@@ -139,6 +142,7 @@ def panoptic_inference(
     thing_classes: Sequence[bool],
     object_mask_threshold: float = 0.8,
     overlap_threshold: float = 0.8,
+    chunk_size: int = CHUNK,
 ) -> PanopticResult:
     """class_logits (Q, K+1), mask_logits (Q, H, W) -> PanopticResult with an (H, W) id map.
 
@@ -150,23 +154,66 @@ def panoptic_inference(
     each; ids count from 1 in query order. `thing_classes[c]` says whether class c is a thing.
     """
     _check_pair(class_logits, mask_logits)
-    num_classes = class_logits.shape[-1] - 1
+    keep = torch.nonzero(_panoptic_keep(class_logits, object_mask_threshold)).flatten()
+    return _panoptic_kept(
+        class_logits[keep],
+        lambda q: mask_logits[keep[q]],
+        tuple(mask_logits.shape[-2:]),
+        thing_classes,
+        overlap_threshold,
+        chunk_size,
+    )
+
+
+def _queries_per_step(chunk_size: int, size: Size) -> int:
+    """Queries handled together at (H, W): at most chunk_size, and at most PIXELS_PER_STEP pixels in all."""
+    return max(1, min(chunk_size, PIXELS_PER_STEP // max(1, size[0] * size[1])))
+
+
+def _panoptic_kept(
+    kept_logits: torch.Tensor,
+    masks_of: Callable[[torch.Tensor], torch.Tensor],
+    size: Size,
+    thing_classes: Sequence[bool],
+    overlap_threshold: float,
+    chunk_size: int,
+) -> PanopticResult:
+    """Panoptic inference over the kept queries (class logits (n, K+1)); masks_of(indices) gives their
+    (c, H, W) mask logits a few at a time, so memory holds a few full-size masks, never all n."""
+    num_classes = kept_logits.shape[-1] - 1
     if len(thing_classes) != num_classes:
         raise ValueError(
             f"thing_classes: expected {num_classes} flags (one per class), got {len(thing_classes)}"
         )
-    h, w = mask_logits.shape[-2:]
-    keep = _panoptic_keep(class_logits, object_mask_threshold)
-    if not bool(keep.any()):
+    h, w = size
+    n = kept_logits.shape[0]
+    if n == 0:
         return PanopticResult(id_map=np.zeros((h, w), dtype=np.int32), segments=[])
-
-    scores, classes = class_logits[keep].float().softmax(-1).max(-1)
-    masks = mask_logits[keep].float().sigmoid()  # (n, H, W)
-    n = masks.shape[0]
-    owner = (scores[:, None, None] * masks).argmax(0)  # (H, W), ties go to the first query as in torch
-    in_own_mask = masks.gather(0, owner[None])[0] >= 0.5  # the owner's own sigmoid >= 0.5
+    scores, classes = kept_logits.float().softmax(-1).max(-1)
+    # Per pixel the owner (argmax of probability x sigmoid, the first query on ties as torch's argmax),
+    # found step by step: a later query takes a pixel only with a strictly larger value.
+    best = owner = owner_sigmoid = None
+    mask_area: list[int] = []
+    step = _queries_per_step(chunk_size, size)
+    for begin in range(0, n, step):
+        index = torch.arange(begin, min(n, begin + step), device=kept_logits.device)
+        masks = masks_of(index).float().sigmoid()  # (c, H, W)
+        mask_area += (masks >= 0.5).flatten(1).sum(1).tolist()
+        weighted = scores[index, None, None] * masks
+        local = weighted.argmax(0)
+        value = weighted.gather(0, local[None])[0]
+        sigmoid = masks.gather(0, local[None])[0]
+        del masks, weighted
+        if best is None:
+            best, owner, owner_sigmoid = value, local + begin, sigmoid
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            owner = torch.where(better, local + begin, owner)
+            owner_sigmoid = torch.where(better, sigmoid, owner_sigmoid)
+    del best
+    in_own_mask = owner_sigmoid >= 0.5  # the owner's own sigmoid >= 0.5
     owned_area = torch.bincount(owner.flatten(), minlength=n).tolist()
-    mask_area = (masks >= 0.5).flatten(1).sum(1).tolist()
     segment_area = torch.bincount(owner[in_own_mask], minlength=n).tolist()
 
     query_to_id = [0] * n  # 0: the query's pixels stay void
@@ -253,6 +300,7 @@ def _instances(
     binary = np.zeros((u, *size), dtype=bool)
     mask_scores = torch.zeros(u)
     boxes = torch.zeros((u, 4))
+    chunk_size = _queries_per_step(chunk_size, size)
     for begin in range(0, u, chunk_size):
         logits = masks_of(unique[begin : begin + chunk_size]).float()
         chunk = logits > 0  # mask = logit > 0, i.e. sigmoid > 0.5
@@ -386,13 +434,15 @@ def postprocess(
         if thing_classes is None:
             raise ValueError("thing_classes: panoptic post-processing needs one thing/stuff flag per class")
         keep = torch.nonzero(_panoptic_keep(class_logits, settings.object_mask_threshold)).flatten()
-        # Keeping depends on class scores only, so inference on the kept subset is the same computation.
-        return panoptic_inference(
+        # Keeping depends on class scores only, so inference on the kept subset is the same computation;
+        # the kept queries are resized a few at a time as inference needs them.
+        return _panoptic_kept(
             class_logits[keep],
-            resize(keep),
+            lambda q: resize(keep[q]),
+            original_size,
             thing_classes,
-            settings.object_mask_threshold,
             settings.overlap_threshold,
+            chunk_size,
         )
     scores, classes, queries = _select_instances(class_logits, settings.top_k, thing_classes)
     return _instances(scores, classes, queries, original_size, resize, settings.score_threshold, chunk_size)

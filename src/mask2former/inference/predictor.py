@@ -147,6 +147,10 @@ class Predictor:
             raise ValueError(f"short edge {short_edge} / max size {max_size}: must be at least 1")
         if max_size is None:
             max_size = max(short_edge, round(cfg.max_size * short_edge / cfg.short_edge))
+        from mask2former import limits
+
+        # The network input is at least short_edge x short_edge: refuse a size no machine can run.
+        limits.INPUT_PIXELS.check(short_edge * short_edge, f"short edge {short_edge}")
         self.config.input = dataclasses.replace(cfg, short_edge=short_edge, max_size=max_size)
 
     def predict(

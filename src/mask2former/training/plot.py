@@ -21,10 +21,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     rows: dict[int, dict] = {}
     with open(path) as handle:
         for line in handle:
-            line = line.strip()
-            if line:
+            try:
                 row = json.loads(line)
                 rows.setdefault(int(row["step"]), {}).update(row)
+            except (ValueError, KeyError, TypeError):  # blank, or torn by a kill during the write
+                continue
     return [rows[step] for step in sorted(rows)]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mask2former.checkpoints.io import load_state_dict_strict, save_checkpoint
+from mask2former.checkpoints.io import CheckpointError, load_state_dict_strict, save_checkpoint
 from mask2former.config import ModelConfig
 from mask2former.data.collate import collate
 from mask2former.fileio import atomic_write
@@ -33,6 +33,7 @@ from mask2former.training.matcher import HungarianMatcher
 from mask2former.training.optim import build_optimizer, lr_factor, set_learning_rate
 from mask2former.training.plot import plot_loss_curve, read_metrics
 from mask2former.training.progress import log_line
+from mask2former.training.recovery import prepare_out_dir
 from mask2former.training.train_config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -210,16 +211,19 @@ class Trainer:
         path = self.checkpoint_path()
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        state = read_training_checkpoint(path)
+        load_state_dict_strict(self.model, state["model"], str(path))
         # The moments come from the checkpoint; base rates and decay from this run's config, so a resumed
         # run with a new --lr / --weight-decay / --backbone-multiplier uses them instead of ignoring them.
         configured = [(group["initial_lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: optimizer state does not fit this model ({error})") from None
         for group, (initial_lr, weight_decay) in zip(self.optimizer.param_groups, configured, strict=True):
             group["initial_lr"], group["weight_decay"] = initial_lr, weight_decay
         self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
+        self.step = state["step"]
         return True
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -293,6 +297,7 @@ class Trainer:
         config = self.config
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            prepare_out_dir(self.out_dir, self.step)  # temporaries and torn rows of an interrupted run
         dist_utils.barrier()
         per_epoch = self.sampler.batches_per_epoch(self.local_batch)
         progress = tqdm(
@@ -383,6 +388,24 @@ class Trainer:
         print(f"step {self.step}: validation {shown}" + ("  (best so far: model-best)" if improved else ""))
         plot_loss_curve(read_metrics(metrics_path), self.out_dir / "loss.png")
         return figures
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """checkpoint.pt as written by `Trainer.save`, checked: CheckpointError (one line) for a truncated, empty,
+    foreign or malformed file."""
+    from mask2former.checkpoints.safe_pickle import load_torch_file
+
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (not a training checkpoint)")
+    state = load_torch_file(path)
+    if not isinstance(state, dict) or not all(key in state for key in ("step", "model", "optimizer")):
+        raise CheckpointError(f"{path}: not a training checkpoint (no step, model and optimizer)")
+    if not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0:
+        raise CheckpointError(f"{path}: step {state['step']!r} is not a step number")
+    if not isinstance(state["model"], dict) or not isinstance(state["optimizer"], dict):
+        raise CheckpointError(f"{path}: model and optimizer must be state dicts")
+    state.setdefault("scaler", {})
+    return state
 
 
 def check_finite(value: float, step: int) -> None:

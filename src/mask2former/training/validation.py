@@ -44,8 +44,8 @@ def validate(
 ) -> dict[str, float] | None:
     """{"val_PQ": ..., "val_mIoU": ...} in percent on rank 0 (None on the others); every rank calls it."""
     from mask2former.evaluation.model import evaluate_predictor
-    from mask2former.modeling.build import build_model
     from mask2former.inference.predictor import Predictor, TorchRunner
+    from mask2former.modeling.build import build_model
 
     copy = build_model(config)
     load_state_dict_strict(copy, frozen_state_dict(model.state_dict()), "the model being trained")
