@@ -13,12 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from mask2former.cli import UserError
+from mask2former.cli import DEVICE_HELP, UserError, example
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "predict", help="segment images and write pictures + standard-format results"
+        "predict",
+        help="segment images and write pictures + standard-format results",
+        description="Segment image files, folders and globs; write overlay pictures and standard files.",
+        epilog=example("mask2former predict photo.jpg photos/ --task panoptic --out predictions"),
     )
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument(
@@ -44,8 +47,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--no-picture", action="store_true", help="skip the overlay pictures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_scale_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -78,14 +82,15 @@ def apply_scale_arguments(predictor, short_edge: int | None, max_size: int | Non
         raise UserError(f"--short-edge/--max-size: {error}") from None
 
 
-def make_predictor(weights: str | None, preset: str | None, device: str = "cpu", backend: str | None = None):
-    """The Predictor for --weights/--preset/--backend (`mask2former.load`), with one-line errors."""
+def make_predictor(weights: str | None, preset: str | None, device: str = "auto", backend: str | None = None):
+    """The Predictor for --weights/--preset/--device/--backend (`mask2former.load`), with one-line errors."""
     import warnings
 
     import mask2former
     from mask2former.api import is_onnx
-    from mask2former.cli import flag_error
+    from mask2former.cli import flag_error, resolve_device_flag
 
+    device = resolve_device_flag(device)
     if backend == "onnxruntime" and not is_onnx(weights):
         raise UserError("--backend onnxruntime needs --weights MODEL.onnx (see `mask2former export`)")
     if backend == "torch" and is_onnx(weights):
@@ -138,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     writer = PredictionWriter(Path(args.out), predictor.config, task, pictures=not args.no_picture)
     failures = 0
     stems = _unique_stems(paths)
-    progress = tqdm(total=len(paths), unit="img", disable=len(paths) <= 1, file=sys.stderr)
+    quiet = args.no_progress or len(paths) <= 1
+    progress = tqdm(total=len(paths), unit="img", disable=quiet, file=sys.stderr)
     for start in range(0, len(paths), args.batch_size):
         chunk = list(
             zip(paths[start : start + args.batch_size], stems[start : start + args.batch_size], strict=True)

@@ -6,14 +6,22 @@ One process, or many with `torchrun --nproc_per_node N -m mask2former train ...`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
-from mask2former.cli import UserError
+from mask2former.cli import DEVICE_HELP, UserError, example, resolve_device_flag
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a model (single process or under torchrun)")
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (single process or under torchrun)",
+        epilog=example(
+            "mask2former train --preset synth-tiny --data runs/synth-train --out runs/mine --iters 2000",
+            "torchrun --nproc_per_node 2 -m mask2former train --preset synth-tiny --data DIR --out RUN",
+        ),
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="architecture preset (see `mask2former presets`)")
     source.add_argument(
@@ -35,8 +43,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="global batch size (split over processes)"
     )
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="base learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     parser.add_argument(
         "--backbone-multiplier",
         type=float,
@@ -50,7 +58,9 @@ def register(subparsers) -> None:
         help="frozen: FrozenBatchNorm as the official models (pretrained backbone); bn: BatchNorm with batch "
         "statistics while training, for a backbone trained from scratch (saved as FrozenBatchNorm)",
     )
-    parser.add_argument("--schedule", choices=["poly", "step", "cosine"], default=None)
+    parser.add_argument(
+        "--schedule", choices=["poly", "step", "cosine"], default=None, help="learning-rate schedule"
+    )
     parser.add_argument("--warmup-iters", type=int, default=None, help="steps of linear warm-up")
     parser.add_argument(
         "--warmup-factor",
@@ -59,19 +69,35 @@ def register(subparsers) -> None:
         help="learning-rate factor at step 0 of the warm-up (official 1.0, i.e. no warm-up whatever "
         "--warmup-iters says; e.g. 0.001 for detectron2's usual ramp)",
     )
-    parser.add_argument("--clip-grad-norm", type=float, default=None)
-    parser.add_argument("--augment", choices=["lsj", "multiscale", "none"], default=None)
-    parser.add_argument("--crop-size", type=int, default=None)
-    parser.add_argument("--min-scale", type=float, default=None)
-    parser.add_argument("--max-scale", type=float, default=None)
+    parser.add_argument(
+        "--clip-grad-norm", type=float, default=None, help="full-model gradient clipping norm"
+    )
+    parser.add_argument(
+        "--augment", choices=["lsj", "multiscale", "none"], default=None, help="training augmentation"
+    )
+    parser.add_argument("--crop-size", type=int, default=None, help="square crop side in pixels")
+    parser.add_argument("--min-scale", type=float, default=None, help="smallest random scale (LSJ)")
+    parser.add_argument("--max-scale", type=float, default=None, help="largest random scale (LSJ)")
     parser.add_argument("--num-points", type=int, default=None, help="points per mask for matching and loss")
-    parser.add_argument("--checkpoint-every", type=int, default=None)
-    parser.add_argument("--log-every", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    parser.add_argument("--log-every", type=int, default=None, help="steps between metrics lines")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--device", default=None, help=f"{DEVICE_HELP} (default: auto; with --resume the run's own)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for action in parser._actions:
+        if action.dest in OVERRIDES and action.dest != "device":
+            action.default_help = functools.partial(_train_default, OVERRIDES[action.dest])
     parser.set_defaults(func=run)
+
+
+def _train_default(field_name: str) -> str:
+    """TrainConfig's value of a field, for --help (imported then only: the trainer imports torch)."""
+    from mask2former.training.trainer import TrainConfig
+
+    return f"{getattr(TrainConfig(), field_name)}; with --resume the run's own"
 
 
 OVERRIDES = {
@@ -137,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume: no {out_dir / CHECKPOINT_NAME} to resume from")
         if saved_config.exists():
             train_config = TrainConfig.from_dict(json.loads(saved_config.read_text()))
+    if args.device is not None or not args.resume:
+        args.device = resolve_device_flag(args.device)
     for arg_name, field_name in OVERRIDES.items():
         value = getattr(args, arg_name)
         if value is not None:
