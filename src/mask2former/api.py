@@ -106,11 +106,18 @@ def load_model(
     return loaded.model, loaded.config
 
 
-def load(path: str | Path | None = None, preset: str | None = None, device: str = "cpu"):
+def load(path: str | Path | None = None, preset: str | None = None, device: str = "auto"):
     """A Predictor for a checkpoint (any format, or an exported .onnx graph), a preset with random weights,
     or the bundled model when both are None (see `resolve_model`). `predictor.trained` says whether the
-    weights were trained; the predictor never changes `predictor.model`, which keeps the checkpoint's keys."""
+    weights were trained; the predictor never changes `predictor.model`, which keeps the checkpoint's keys.
+
+    `device`: "auto" (CUDA when this torch sees a GPU, else CPU), "cpu", "cuda", "cuda:N" or "mps"; one the
+    machine lacks raises ValueError("device cuda: CUDA is not available ..."). ONNX graphs run on the CPU.
+    """
+    from mask2former.devices import resolve_device
     from mask2former.inference.predictor import Predictor, TorchRunner
+
+    device = resolve_device(device)
 
     if is_onnx(path):
         from mask2former.export.runtime import load_onnx_predictor

@@ -3,6 +3,8 @@
 Each segment is blended with its colour (alpha 0.5 by default), outlined where it meets other pixels,
 and named at its most interior pixel (the one farthest from its boundary), which stays inside thin or
 concave shapes where a centroid would not. Pixels outside every segment keep their exact input value.
+Text size, outline and box widths grow with the picture (`style_for`), so labels read the same on a 256 px
+scene and a 4000 px photo seen at screen size.
 """
 
 from __future__ import annotations
@@ -21,6 +23,29 @@ from mask2former import fileio
 from mask2former.data.catalog import DatasetMeta
 
 Color = tuple[int, int, int]
+
+
+@dataclass
+class DrawStyle:
+    """Sizes in pixels of what is drawn on a picture."""
+
+    font_size: int  # label text height
+    line_width: int  # outlines and boxes
+    pad: int  # space around label text
+
+
+# Label text is 1/32 of the shorter side (10 px at least): about 25 px on screen for a photo fitted to a
+# ~1000 px window, whatever its resolution; outlines and boxes are 1/320 of it (1 px at least).
+TEXT_FRACTION = 1 / 32
+LINE_FRACTION = 1 / 320
+MIN_FONT_SIZE = 10
+
+
+def style_for(height: int, width: int) -> DrawStyle:
+    """The label size, line width and label padding for a picture of (height, width)."""
+    short = min(height, width)
+    font_size = max(MIN_FONT_SIZE, round(short * TEXT_FRACTION))
+    return DrawStyle(font_size, max(1, round(short * LINE_FRACTION)), max(2, font_size // 6))
 
 
 @dataclass
@@ -175,29 +200,31 @@ def _render(
         color = np.array(segment.color, dtype=np.float32)
         pixels = out[segment.mask].astype(np.float32)
         out[segment.mask] = np.clip(np.rint(pixels * (1.0 - alpha) + color * alpha), 0, 255).astype(np.uint8)
+    height, width = image.shape[:2]
+    style = style_for(height, width)
     for segment in segments:
         # The darker outline separates touching segments of similar colour.
-        out[_inner_boundary(segment.mask)] = (np.array(segment.color) * 0.6).astype(np.uint8)
+        edge = _inner_boundary(segment.mask, style.line_width)
+        out[edge] = (np.array(segment.color) * 0.6).astype(np.uint8)
     picture = Image.fromarray(out)
     if not segments:
         return picture
     draw = ImageDraw.Draw(picture)
-    height, width = image.shape[:2]
-    line_width = max(1, round(min(height, width) / 300))
     for (x0, y0, x1, y1), color in boxes or []:
-        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=line_width)
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=style.line_width)
     if show_labels:
-        font = _font(max(10, min(24, min(height, width) // 30)))
+        font = _font(style.font_size)
         min_area = max(4, int(0.0002 * height * width))
         for segment in segments:
             if segment.label and int(segment.mask.sum()) >= min_area:
                 point = label_point(segment.mask)
-                _draw_label(draw, segment.label, point, segment.color, font, (height, width))
+                _draw_label(draw, segment.label, point, segment.color, font, (height, width), style.pad)
     return picture
 
 
-def _inner_boundary(mask: np.ndarray) -> np.ndarray:
-    """Mask pixels with a 4-neighbour outside the mask; the image edge does not count as outside."""
+def _inner_boundary(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
+    """Mask pixels with a 4-neighbour outside the mask (thickness 1), or within `thickness` pixels (square
+    neighbourhood) of one; the image edge does not count as outside."""
     ys, xs = np.nonzero(mask)
     edge = np.zeros_like(mask)
     if len(ys) == 0:
@@ -209,7 +236,11 @@ def _inner_boundary(mask: np.ndarray) -> np.ndarray:
         slice(max(int(xs.min()) - 1, 0), min(int(xs.max()) + 2, width)),
     )
     crop = mask[region]
-    edge[region] = crop & ~ndimage.binary_erosion(crop, border_value=1)
+    if thickness <= 1:
+        edge[region] = crop & ~ndimage.binary_erosion(crop, border_value=1)
+    else:  # a separable minimum filter: cheap for the thick outlines of large pictures
+        eroded = ndimage.minimum_filter(crop.view(np.uint8), size=2 * thickness + 1, mode="nearest")
+        edge[region] = crop & (eroded == 0)
     return edge
 
 
@@ -220,12 +251,12 @@ def _draw_label(
     color: Color,
     font,
     image_size: tuple[int, int],
+    pad: int = 2,
 ) -> None:
     """Text on a box of the segment colour, centred on point (y, x) and kept inside the image."""
     height, width = image_size
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
     text_w, text_h = x1 - x0, y1 - y0
-    pad = 2
     left = min(max(point[1] - text_w // 2 - pad, 0), max(width - text_w - 2 * pad, 0))
     top = min(max(point[0] - text_h // 2 - pad, 0), max(height - text_h - 2 * pad, 0))
     draw.rectangle([left, top, left + text_w + 2 * pad - 1, top + text_h + 2 * pad - 1], fill=color)

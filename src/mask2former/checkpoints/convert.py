@@ -146,6 +146,16 @@ def _from_hf(path: Path, preset: str | None) -> Converted:
     state, notes = huggingface.hf_to_ours(hf_state, arch, str(path))
     converted = Converted(arch, state, "hf", notes)
     converted.config = _complete(arch, preset, _presets_with(arch.num_classes), names, converted)
+    processor_path = path / huggingface.PREPROCESSOR_NAME
+    if processor_path.is_file():
+        try:
+            processor = json.loads(processor_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{processor_path}: unreadable ({error})") from None
+        input_config = huggingface.input_config_from_preprocessor(processor, str(processor_path))
+        if input_config is not None:
+            converted.config.input = input_config
+            converted.notes.append(f"test-time pre-processing from {huggingface.PREPROCESSOR_NAME}")
     return converted
 
 
@@ -266,6 +276,8 @@ def convert(
     converted = convert_to_ours(src, source_format, preset)
     model = build_and_load(converted.config, converted.state_dict, str(src))
     write_checkpoint(model.state_dict(), converted.config, dst, target_format)
+    if target_format == "hf" and converted.config.input.mode == "official":
+        converted.notes.append(huggingface.PREPROCESSOR_NOTE)
     return converted
 
 

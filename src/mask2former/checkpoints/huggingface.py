@@ -27,10 +27,19 @@ from safetensors.torch import load_file, save_file
 from mask2former.checkpoints.huggingface_keys import ENC, STAGES, key_mapping
 from mask2former.checkpoints.io import CheckpointError
 from mask2former.checkpoints.safe_pickle import load_torch_file
-from mask2former.config import BackboneConfig, ModelConfig, PixelDecoderConfig, TransformerDecoderConfig
+from mask2former.config import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    BackboneConfig,
+    InputConfig,
+    ModelConfig,
+    PixelDecoderConfig,
+    TransformerDecoderConfig,
+)
 from mask2former.fileio import atomic_write, write_json
 
 CONFIG_NAME = "config.json"
+PREPROCESSOR_NAME = "preprocessor_config.json"
 WEIGHTS_NAME = "model.safetensors"
 NO_OBJECT_WEIGHT = 0.1
 HF_GROUPS, HF_POINTS = 32, 4  # hard-coded in transformers' Mask2Former pixel decoder
@@ -339,13 +348,72 @@ def ours_to_hf(state: dict[str, torch.Tensor], config: ModelConfig, target: str)
     return {k: v.detach().cpu().contiguous().clone() for k, v in hf.items()}
 
 
+def preprocessor_config_from_ours(config: ModelConfig) -> dict:
+    """preprocessor_config.json for transformers' Mask2FormerImageProcessor, doing our test-time
+    pre-processing: bilinear resize (shortest edge / longest edge, or a fixed size for deploy mode), then
+    (x / 255 - mean / 255) / (std / 255), which is our (x - PIXEL_MEAN) / PIXEL_STD on the 0..1 scale.
+
+    One difference HF's processor cannot avoid (PREPROCESSOR_NOTE): its size_divisor rounds the resized
+    size up to a multiple of 32 (a stretch of < 32 px) where ours pads it with zeros."""
+    cfg = config.input
+    if cfg.mode == "deploy":
+        if cfg.size is None:
+            raise CheckpointError("input.size: deploy pre-processing needs a fixed (H, W) size")
+        size, divisor = {"height": int(cfg.size[0]), "width": int(cfg.size[1])}, 0
+    else:
+        size = {"shortest_edge": int(cfg.short_edge), "longest_edge": int(cfg.max_size)}
+        divisor = int(cfg.size_divisibility)
+    return {
+        "image_processor_type": "Mask2FormerImageProcessor",
+        "do_resize": True,
+        "size": size,
+        "size_divisor": divisor,
+        "resample": 2,  # PIL bilinear, as detectron2's ResizeShortestEdge
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [round(m / 255, 6) for m in PIXEL_MEAN],
+        "image_std": [round(s / 255, 6) for s in PIXEL_STD],
+        "ignore_index": 255,
+        "do_reduce_labels": False,
+        "num_labels": config.num_classes,
+    }
+
+
+def input_config_from_preprocessor(processor: dict, source: str) -> InputConfig | None:
+    """Our test-time pre-processing from a preprocessor_config.json (None when it names no size we use).
+
+    Mean / std other than ImageNet's cannot be represented (our normalisation is fixed): CheckpointError."""
+    mean, std = processor.get("image_mean"), processor.get("image_std")
+    for name, given, ours in (("image_mean", mean, PIXEL_MEAN), ("image_std", std, PIXEL_STD)):
+        if given is not None and any(abs(g * 255 - o) > 0.05 for g, o in zip(given, ours, strict=True)):
+            raise CheckpointError(f"{source}: {name} {given} differs from ImageNet's, which our model fixes")
+    size = processor.get("size")
+    if isinstance(size, dict) and size.get("shortest_edge") and size.get("longest_edge"):
+        divisor = int(processor.get("size_divisor") or 32)
+        return InputConfig("official", int(size["shortest_edge"]), int(size["longest_edge"]), None, divisor)
+    if isinstance(size, dict) and size.get("height") and size.get("width"):
+        return InputConfig("deploy", size=(int(size["height"]), int(size["width"])))
+    return None
+
+
+PREPROCESSOR_NOTE = (
+    "preprocessor_config.json: transformers resizes to a multiple of 32 (up to 31 px of stretch) where we "
+    "pad with zeros; images whose resized sides are multiples of 32 get identical pixels"
+)
+
+
 def write_hf_folder(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path) -> Path:
-    """A folder transformers' Mask2FormerForUniversalSegmentation.from_pretrained loads."""
+    """A folder transformers loads: config.json and model.safetensors for
+    Mask2FormerForUniversalSegmentation.from_pretrained, preprocessor_config.json for
+    AutoImageProcessor.from_pretrained (so pipeline("image-segmentation", model=folder) runs)."""
     out_dir = Path(out_dir)
     hf_config = hf_config_from_ours(config, str(out_dir))
+    preprocessor = preprocessor_config_from_ours(config)
     tensors = ours_to_hf(state, config, str(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     # transformers checks the "format" metadata of safetensors files it loads.
     atomic_write(out_dir / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(out_dir / CONFIG_NAME, hf_config, indent=2)
+    write_json(out_dir / PREPROCESSOR_NAME, preprocessor, indent=2)
     return out_dir

@@ -17,13 +17,15 @@ import json
 import statistics
 import time
 
-from mask2former.cli import UserError
+from mask2former.cli import UserError, example
 from mask2former.cli.checks import check_input_size
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "bench", help="time a model stage by stage: latency, peak memory, GFLOP/s against the matmul peak"
+        "bench",
+        help="time a model stage by stage: latency, peak memory, GFLOP/s against the matmul peak",
+        epilog=example("mask2former bench --preset coco-panoptic-r50 --size 800x1088 --runs 3 --threads 1"),
     )
     parser.add_argument("--preset", required=True, help="architecture (see `mask2former presets`)")
     parser.add_argument("--size", required=True, help="input HxW, multiples of 32, e.g. 800x1088")
@@ -31,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument(
         "--reference",
         action="store_true",
@@ -100,7 +102,7 @@ def measure(args: argparse.Namespace) -> dict:
     for name, value, low in (
         ("--runs", args.runs, 1),
         ("--warmup", args.warmup, 0),
-        ("--batch", args.batch, 1),
+        ("--batch-size", args.batch_size, 1),
     ):
         if value < low:
             raise UserError(f"{name} {value}: must be at least {low}")
@@ -110,8 +112,8 @@ def measure(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     model, config = load(args)
     height, width = parse_size(args.size, config.input.size_divisibility or 1)
-    check_input_size("--size", (height * args.batch, width))
-    images = torch.randn(args.batch, 3, height, width, generator=torch.Generator().manual_seed(0))
+    check_input_size("--size", (height * args.batch_size, width))
+    images = torch.randn(args.batch_size, 3, height, width, generator=torch.Generator().manual_seed(0))
     path = use_kernels(deform_attn="reference") if args.reference else contextlib.nullcontext()
 
     def once(stage_context=lambda name: contextlib.nullcontext()) -> None:
@@ -169,7 +171,7 @@ def measure(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         "weights": args.weights or "random",
         "path": "reference" if args.reference else "fast",
-        "input": [args.batch, 3, height, width],
+        "input": [args.batch_size, 3, height, width],
         "threads": torch.get_num_threads(),
         "runs": args.runs,
         "reuse_memory": args.reuse_memory,

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 
-from mask2former.cli import UserError
+from mask2former.cli import UserError, example
 
 FORMATS = ("ours", "detectron2", "hf")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "convert", help="convert checkpoints between detectron2 (.pkl/.pth), Hugging Face and our format"
+        "convert",
+        help="convert checkpoints between detectron2 (.pkl/.pth), Hugging Face and our format",
+        epilog=example(
+            "mask2former convert model_final_f07440.pkl r50-panoptic/",
+            "mask2former convert r50-panoptic/ r50-hf/ --to hf",
+        ),
     )
     parser.add_argument("src", help="checkpoint: .pkl/.pth file, Hugging Face folder or our folder")
     parser.add_argument("dst", help="output: a folder (ours, hf) or a .pkl/.pth file (detectron2)")

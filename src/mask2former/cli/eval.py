@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mask2former.cli import UserError
+from mask2former.cli import DEVICE_HELP, UserError, example
 from mask2former.cli.predict import add_scale_arguments, apply_scale_arguments
 
 _FILE_ARGUMENTS = {
@@ -30,9 +30,20 @@ _FILE_ARGUMENTS = {
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval", help="score predictions: PQ (panopticapi rules), mIoU (detectron2), mask AP (pycocotools)"
+        "eval",
+        help="score predictions: PQ (panopticapi rules), mIoU (detectron2), mask AP (pycocotools)",
+        description="Score a model over a dataset, or prediction files against ground truth.",
+        epilog=example(
+            "mask2former eval --data runs/synth-val --task panoptic --out metrics/",
+            "mask2former eval --task instance --pred-json predictions/instances.json --gt-json gt.json",
+        ),
     )
-    parser.add_argument("--task", choices=["panoptic", "semantic", "instance"], required=True)
+    parser.add_argument(
+        "--task",
+        choices=["panoptic", "semantic", "instance"],
+        required=True,
+        help="what to score: PQ, mIoU or mask AP",
+    )
     files = parser.add_argument_group("prediction files")
     files.add_argument("--pred-json", help="panoptic: COCO panoptic JSON; instance: COCO results JSON")
     files.add_argument("--pred-dir", help="panoptic PNGs, or semantic label PNGs")
@@ -46,7 +57,7 @@ def register(subparsers) -> None:
     model.add_argument("--weights", help="checkpoint to run (see `mask2former predict --help`)")
     model.add_argument("--data", help="dataset folder with ground truth")
     model.add_argument("--preset", help="architecture preset for --weights")
-    model.add_argument("--device", default="cpu")
+    model.add_argument("--device", default="auto", help=DEVICE_HELP)
     model.add_argument("--limit", type=int, help="evaluate the first N images only")
     add_scale_arguments(model)
     parser.add_argument("--out", help="folder for metrics.json (created if missing)")
@@ -151,20 +162,21 @@ def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
 
 def _evaluate_model(args: argparse.Namespace) -> dict | None:
     """`evaluation.model.evaluate_model` for --weights/--data, its errors as one line naming the flag."""
-    from mask2former.cli import flag_error
+    from mask2former.cli import flag_error, resolve_device_flag
     from mask2former.cli.predict import make_predictor
     from mask2former.evaluation import EvaluationError
     from mask2former.evaluation.model import evaluate_model, open_evaluation_dataset
 
     if args.data is None:
         raise UserError("--data DIR is needed to evaluate a model (or give prediction files)")
+    device = resolve_device_flag(args.device)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: must be at least 1")
     try:
         dataset = open_evaluation_dataset(args.data, args.task)
     except ValueError as error:
         raise flag_error(error, ("data",)) from None
-    predictor = make_predictor(args.weights, args.preset, args.device)
+    predictor = make_predictor(args.weights, args.preset, device)
     apply_scale_arguments(predictor, args.short_edge, args.max_size)
     try:
         return evaluate_model(
@@ -173,7 +185,7 @@ def _evaluate_model(args: argparse.Namespace) -> dict | None:
             args.task,
             args.limit,
             progress=not args.no_progress,
-            device=args.device,
+            device=device,
             name=args.data,
         )
     except (EvaluationError, FileNotFoundError, ValueError) as error:

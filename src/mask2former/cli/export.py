@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from mask2former.cli import UserError, flag_error
+from mask2former.cli import UserError, example, flag_error
 from mask2former.cli.checks import check_input_size, check_output_file
 from mask2former.cli.ops import parse_size
 
@@ -19,7 +19,9 @@ FORMATS = ("onnx",)
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="export to ONNX (fixed or dynamic size, fp32 or fp16) with a parity report"
+        "export",
+        help="export to ONNX (fixed or dynamic size, fp32 or fp16) with a parity report",
+        epilog=example("mask2former export --size 192x192 --dynamic --out model.onnx"),
     )
     parser.add_argument("--weights", default=None, help="checkpoint (default: the bundled model)")
     parser.add_argument(

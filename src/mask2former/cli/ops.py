@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from mask2former.cli import UserError
+from mask2former.cli import UserError, example
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "ops", help="count the operators of an ONNX graph and the MACs of its matrix ops"
+        "ops",
+        help="count the operators of an ONNX graph and the MACs of its matrix ops",
+        epilog=example("mask2former ops model.onnx --size 512x512 --json"),
     )
     parser.add_argument("model", help="an .onnx file (e.g. from `mask2former export`)")
     parser.add_argument(
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
         help="HxW input size to fix before shape inference (needed for dynamic graphs)",
     )
     parser.add_argument(
-        "--batch", type=int, default=1, help="batch size for a dynamic batch axis (default 1)"
+        "--batch-size", type=int, default=1, help="batch size for a dynamic batch axis (default 1)"
     )
     parser.add_argument("--json", action="store_true", help="print the inventory as JSON")
     parser.set_defaults(func=run)
@@ -51,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from mask2former.export.runtime import ExportError
 
     size = parse_size(args.size)
-    check_number("--batch", args.batch, AT_LEAST_1)
+    check_number("--batch-size", args.batch_size, AT_LEAST_1)
     check_input_size("--size", size)
     try:
         model = load_graph(args.model)
-        inventory = op_inventory(model, size=size, batch=args.batch)
+        inventory = op_inventory(model, size=size, batch=args.batch_size)
         doubles = float64_locations(model)
         forbidden = forbidden_ops(model)
     except ExportError as error:

@@ -17,13 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-from mask2former.cli import UserError
+from mask2former.cli import DEVICE_HELP, UserError, example
 from mask2former.inference.predictor import DEFAULT_SCORE_THRESHOLD
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "predict", help="segment images and write pictures + standard-format results"
+        "predict",
+        help="segment images and write pictures + standard-format results",
+        description="Segment image files, folders and globs; write overlay pictures and standard files.",
+        epilog=example("mask2former predict photo.jpg photos/ --task panoptic --out predictions"),
     )
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument(
@@ -50,7 +53,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--no-picture", action="store_true", help="skip the overlay pictures")
     parser.add_argument(
         "--score-threshold",
@@ -82,6 +85,7 @@ def register(subparsers) -> None:
     state.add_argument(
         "--overwrite", action="store_true", help="replace the results of an earlier run in --out"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_scale_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -114,14 +118,15 @@ def apply_scale_arguments(predictor, short_edge: int | None, max_size: int | Non
         raise UserError(f"--short-edge/--max-size: {error}") from None
 
 
-def make_predictor(weights: str | None, preset: str | None, device: str = "cpu", backend: str | None = None):
-    """The Predictor for --weights/--preset/--backend (`mask2former.load`), with one-line errors."""
+def make_predictor(weights: str | None, preset: str | None, device: str = "auto", backend: str | None = None):
+    """The Predictor for --weights/--preset/--device/--backend (`mask2former.load`), with one-line errors."""
     import warnings
 
     import mask2former
     from mask2former.api import is_onnx
-    from mask2former.cli import flag_error
+    from mask2former.cli import flag_error, resolve_device_flag
 
+    device = resolve_device_flag(device)
     if backend == "onnxruntime" and not is_onnx(weights):
         raise UserError("--backend onnxruntime needs --weights MODEL.onnx (see `mask2former export`)")
     if backend == "torch" and is_onnx(weights):
@@ -192,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
         images, gt = plan_inputs(args.inputs, args.gt_json)
     except InputError as error:
         raise flag_error(error, ("gt_json",)) from None
+    from mask2former.cli import resolve_device_flag
+
+    args.device = resolve_device_flag(args.device)  # "auto" -> the device itself, for torchrun's backend too
     predictor = make_predictor(args.weights, args.preset, args.device, args.backend)
     apply_scale_arguments(predictor, args.short_edge, args.max_size)
     task = args.task or predictor.config.task
@@ -229,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             thresholds=thresholds,
             resume=args.resume,
             overwrite=args.overwrite,
+            progress=not args.no_progress,
             device=args.device,
         )
     except FolderError as error:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from mask2former.cli import example
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "presets", help="list the named presets (official model-zoo architectures)"
+        "presets",
+        help="list the named presets (official model-zoo architectures)",
+        epilog=example("mask2former presets"),
     )
     parser.set_defaults(func=run)
 

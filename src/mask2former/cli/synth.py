@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from mask2former.cli import UserError
+from mask2former.cli import UserError, example
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -20,7 +20,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "synth", help="write a synthetic scenes dataset (COCO panoptic format + semantic label PNGs)"
+        "synth",
+        help="write a synthetic scenes dataset (COCO panoptic format + semantic label PNGs)",
+        epilog=example("mask2former synth runs/synth-val --n 200 --seed 2"),
     )
     parser.add_argument("dir", help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument("--n", type=int, default=200, help="number of images (default 200)")

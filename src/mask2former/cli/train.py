@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 from pathlib import Path
 
-from mask2former.cli import UserError, checks
+from mask2former.cli import DEVICE_HELP, UserError, checks, example, resolve_device_flag
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a model (single process or under torchrun)")
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model (single process or under torchrun)",
+        epilog=example(
+            "mask2former train --preset synth-tiny --data runs/synth-train --out runs/mine --iters 2000",
+            "mask2former train --init coco-panoptic-r50 --data my-coco-folder --out runs/finetuned",
+            "torchrun --nproc_per_node 2 -m mask2former train --preset synth-tiny --data DIR --out RUN",
+        ),
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--preset", help="architecture preset (see `mask2former presets`); default: the --init model's"
@@ -48,8 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="global batch size (split over processes)"
     )
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="base learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     parser.add_argument(
         "--backbone-multiplier",
         type=float,
@@ -63,7 +72,9 @@ def register(subparsers) -> None:
         help="frozen: FrozenBatchNorm as the official models (pretrained backbone); bn: BatchNorm with batch "
         "statistics while training, for a backbone trained from scratch (saved as FrozenBatchNorm)",
     )
-    parser.add_argument("--schedule", choices=["poly", "step", "cosine"], default=None)
+    parser.add_argument(
+        "--schedule", choices=["poly", "step", "cosine"], default=None, help="learning-rate schedule"
+    )
     parser.add_argument("--warmup-iters", type=int, default=None, help="steps of linear warm-up")
     parser.add_argument(
         "--warmup-factor",
@@ -72,17 +83,23 @@ def register(subparsers) -> None:
         help="learning-rate factor at step 0 of the warm-up (official 1.0, i.e. no warm-up whatever "
         "--warmup-iters says; e.g. 0.001 for detectron2's usual ramp)",
     )
-    parser.add_argument("--clip-grad-norm", type=float, default=None)
-    parser.add_argument("--augment", choices=["lsj", "multiscale", "none"], default=None)
-    parser.add_argument("--crop-size", type=int, default=None)
-    parser.add_argument("--min-scale", type=float, default=None)
-    parser.add_argument("--max-scale", type=float, default=None)
+    parser.add_argument(
+        "--clip-grad-norm", type=float, default=None, help="full-model gradient clipping norm"
+    )
+    parser.add_argument(
+        "--augment", choices=["lsj", "multiscale", "none"], default=None, help="training augmentation"
+    )
+    parser.add_argument("--crop-size", type=int, default=None, help="square crop side in pixels")
+    parser.add_argument("--min-scale", type=float, default=None, help="smallest random scale (LSJ)")
+    parser.add_argument("--max-scale", type=float, default=None, help="largest random scale (LSJ)")
     parser.add_argument("--num-points", type=int, default=None, help="points per mask for matching and loss")
-    parser.add_argument("--checkpoint-every", type=int, default=None)
-    parser.add_argument("--log-every", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    parser.add_argument("--log-every", type=int, default=None, help="steps between metrics lines")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument(
+        "--device", default=None, help=f"{DEVICE_HELP} (default: auto; with --resume the run's own)"
+    )
     parser.add_argument(
         "--val-data", default=None, help="a validation dataset folder, evaluated every --eval-every steps"
     )
@@ -98,19 +115,17 @@ def register(subparsers) -> None:
         action="store_true",
         help="no progress bar: print a line (step, loss, lr, ETA) every --log-every steps instead",
     )
-    _describe_defaults(parser)
+    for action in parser._actions:
+        if action.dest in OVERRIDES and action.dest != "device":
+            action.default_help = functools.partial(_train_default, OVERRIDES[action.dest])
     parser.set_defaults(func=run)
 
 
-def _describe_defaults(parser) -> None:
-    """Append each training setting's default, per preset, to its --help text."""
+def _train_default(field_name: str) -> str:
+    """A training setting's default per preset, for --help (computed only when the help is shown)."""
     from mask2former.training.recipes import describe_default
 
-    for action in parser._actions:
-        field_name = OVERRIDES.get(action.dest)
-        if field_name is not None:
-            text = describe_default(field_name).replace("%", "%%")
-            action.help = f"{action.help}; {text}" if action.help else text
+    return describe_default(field_name).removeprefix("default ") + "; with --resume the run's own"
 
 
 OVERRIDES = {
@@ -289,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume: no {out_dir / CHECKPOINT_NAME} to resume from")
         if saved_config.exists():
             train_config = _read_train_config(saved_config)
+    if args.device is not None or not args.resume:
+        args.device = resolve_device_flag(args.device)
     given = {}
     for arg_name, field_name in OVERRIDES.items():
         value = getattr(args, arg_name)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from mask2former.config import ModelConfig
-from mask2former.data.image_io import load_image
+from mask2former.inference.inputs import as_image_list, is_batch, to_rgb_list
 from mask2former.inference.postprocess import PostprocessSettings, postprocess
+from mask2former.inference.prediction import Prediction
 from mask2former.inference.preprocess import PreprocessedImage, pad_batch, preprocess_for
 from mask2former.results import Result
 
@@ -25,14 +25,7 @@ TASKS = ("semantic", "instance", "panoptic")
 # Instances below this score are dropped by `predict` (as detectron2's demo); 0 keeps the official top-k list.
 DEFAULT_SCORE_THRESHOLD = 0.5
 
-
-@dataclass
-class Prediction:
-    """One image's result with the RGB image it was computed on (for pictures and writers)."""
-
-    image: np.ndarray  # (H, W, 3) uint8 RGB, EXIF-oriented
-    result: Result
-    task: str
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "TASKS", "Prediction", "Predictor", "TorchRunner"]
 
 
 class TorchRunner:
@@ -107,6 +100,12 @@ def _version(tensor: torch.Tensor) -> int:
 class Predictor:
     """Segment images with a model and its config.
 
+        predictor = mask2former.load()
+        prediction = predictor("photo.jpg", task="panoptic")   # a Prediction (plot, save, to_coco, ...)
+        predictions = predictor([path, pil_image, array, tensor], bgr=False)   # a list, batched
+
+    Images: paths, PIL images, numpy arrays and torch tensors, uint8 or float (see inference/inputs.py for
+    the rules); `bgr=True` for arrays in OpenCV's channel order.
     `runner(images (B, 3, Hp, Wp)) -> {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, Hp/4, Wp/4)}`.
     `trained` is False for a randomly initialised model: callers say so to the user.
     """
@@ -153,33 +152,39 @@ class Predictor:
         limits.INPUT_PIXELS.check(short_edge * short_edge, f"short edge {short_edge}")
         self.config.input = dataclasses.replace(cfg, short_edge=short_edge, max_size=max_size)
 
-    def predict(
+    def __call__(
         self,
-        image,
+        images,
         task: str | None = None,
-        *,
-        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-        object_mask_threshold: float | None = None,
-        overlap_threshold: float | None = None,
-    ) -> Result:
-        """Segment one image (path, PIL image or (H, W, 3) uint8 array) -> a typed result.
+        bgr: bool = False,
+        batch_size: int = 8,
+        **thresholds: float | None,
+    ) -> Prediction | list[Prediction]:
+        """One image -> a Prediction; a list / tuple / stacked (B, ...) array or tensor -> a list of them,
+        run `batch_size` images per forward pass. `thresholds` as in `predict_batch`."""
+        if not is_batch(images):
+            return self.predict_batch([images], task, bgr, **thresholds)[0]
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: must be at least 1")
+        items = as_image_list(images)
+        out: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            out.extend(self.predict_batch(items[start : start + batch_size], task, bgr, **thresholds))
+        return out
 
-        Thresholds as in `predict_batch`.
-        """
-        return self.predict_batch(
-            [image],
-            task,
-            score_threshold=score_threshold,
-            object_mask_threshold=object_mask_threshold,
-            overlap_threshold=overlap_threshold,
-        )[0].result
+    def predict(
+        self, image, task: str | None = None, bgr: bool = False, **thresholds: float | None
+    ) -> Result:
+        """Segment one image (any kind `predictor(...)` takes) -> the typed result (`prediction.result`)."""
+        return self.predict_batch([image], task, bgr, **thresholds)[0].result
 
     def predict_batch(
         self,
-        images: Sequence,
+        images,
         task: str | None = None,
+        bgr: bool = False,
         *,
-        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        score_threshold: float | None = DEFAULT_SCORE_THRESHOLD,
         object_mask_threshold: float | None = None,
         overlap_threshold: float | None = None,
     ) -> list[Prediction]:
@@ -189,6 +194,8 @@ class Predictor:
         top-k, which evaluation uses). `object_mask_threshold` / `overlap_threshold`: panoptic query and
         overlap thresholds, None for the model config's (officially 0.8 / 0.8).
         """
+        from mask2former.writers import meta_from_config
+
         task = task or self.config.task
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -204,13 +211,22 @@ class Predictor:
         for name, value in overrides.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} {value}: must be between 0 and 1")
-        arrays = [load_image(image) for image in images]
+        items = as_image_list(images)
+        if not items:
+            return []
+        arrays = to_rgb_list(items, bgr)
         inputs = [self.preprocess(array) for array in arrays]
         batch = pad_batch([item.tensor for item in inputs], self.config.input.size_divisibility)
         outputs = self.runner(batch)
         padded_size = tuple(batch.shape[-2:])
         settings = PostprocessSettings.from_config(self.config, task, **overrides)
+        try:
+            meta = meta_from_config(self.config)
+        except ValueError:  # a config whose names, ids and colours disagree: generic names then
+            meta = None
         return [
-            Prediction(array, postprocess(outputs, index, task, settings, item.geometry(padded_size)), task)
+            Prediction(
+                array, postprocess(outputs, index, task, settings, item.geometry(padded_size)), task, meta
+            )
             for index, (array, item) in enumerate(zip(arrays, inputs, strict=True))
         ]
