@@ -159,10 +159,13 @@ def rgb2id(color: np.ndarray | Sequence[int]) -> np.ndarray | int:
     if not isinstance(color, np.ndarray):
         r, g, b = (int(v) for v in color)
         return r + 256 * g + 65536 * b
-    if color.dtype == np.uint8:  # the panoptic PNG case: three passes, no int32 copy of all channels
-        ids = np.multiply(color[..., 2], 65536, dtype=np.int32)
-        ids += np.multiply(color[..., 1], 256, dtype=np.int32)
-        ids += color[..., 0]
+    if color.dtype == np.uint8:  # the panoptic PNG case: shifts in place, no int32 copy of all channels
+        ids = np.empty(color.shape[:-1], dtype=np.int32)
+        ids[...] = color[..., 2]
+        ids <<= 8
+        ids |= color[..., 1]
+        ids <<= 8
+        ids |= color[..., 0]
         return ids
     color = color.astype(np.int32)
     return color[..., 0] + 256 * color[..., 1] + 65536 * color[..., 2]
