@@ -340,3 +340,29 @@ def test_scoring_overlapped_with_inference_gives_the_same_figures():
     scenes[4] = (scenes[4][0][:5], *scenes[4][1:])  # a prediction of the wrong size: the scorer's error
     with pytest.raises(EvaluationError, match=r"id map shape \(5, 32\) differs"):
         evaluate_predictor(_FakePredictor(scenes), dataset, "panoptic", progress=False)
+
+
+def test_cli_workers_and_engine_flags(tmp_path, capsys):
+    from mask2former.cli import main
+
+    write_panoptic_case(tmp_path)
+    args = ["eval", "--task", "panoptic", "--no-progress"]
+    for flag, name in (("--pred-json", "pred.json"), ("--pred-dir", "pred"), ("--gt-json", "gt.json")):
+        args += [flag, str(tmp_path / name)]
+    args += ["--gt-dir", str(tmp_path / "gt")]
+    assert main([*args, "--workers", "0"]) == 2
+    assert "--workers 0: must be at least 1" in capsys.readouterr().err
+    assert main([*args, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "two" / "metrics.json").read_text() == (tmp_path / "one" / "metrics.json").read_text()
+    gt, results = instance_case(6)
+    (tmp_path / "instances.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    instance = ["eval", "--task", "instance", "--gt-json", str(tmp_path / "instances.json")]
+    instance += ["--pred-json", str(tmp_path / "results.json")]
+    for engine in ("hotcoco", "pycocotools"):
+        assert main([*instance, "--engine", engine, "--out", str(tmp_path / engine)]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "hotcoco" / "metrics.json").read_text() == (
+        tmp_path / "pycocotools" / "metrics.json"
+    ).read_text()
