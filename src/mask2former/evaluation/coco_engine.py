@@ -111,9 +111,9 @@ def run_segm_eval(
     engine = resolve_engine(engine)
     COCO, COCOeval, _ = _import(engine)
     with _quiet(verbose):
-        if engine == "hotcoco":
+        if engine == "hotcoco":  # reads the dicts into Rust; leaves them alone
             coco_gt = COCO(dict(gt))
-            coco_dt = coco_gt.load_res([dict(r) for r in results])
+            coco_dt = coco_gt.load_res(list(results))
         else:
             coco_gt = COCO()
             coco_gt.dataset = dict(gt)

@@ -92,7 +92,7 @@ class InstanceEvaluator:
         """Add COCO results [{"image_id", "category_id", "segmentation" (RLE or polygons), "score"}]."""
         checked = []
         for i, result in enumerate(results):
-            if not isinstance(result, Mapping):
+            if type(result) is not dict and not isinstance(result, Mapping):  # the fast test first
                 raise EvaluationError(
                     f"result {i} is not an object with image_id, category_id, segmentation, score"
                 )
@@ -122,6 +122,12 @@ class InstanceEvaluator:
 
     @staticmethod
     def _as_rle(segmentation: Any, size: tuple[int, int], where: str, engine: str) -> dict:
+        if (  # the common case, a compressed RLE from a JSON file, without the general checks' cost
+            type(segmentation) is dict
+            and type(segmentation.get("counts")) is str
+            and segmentation.get("size") == [size[0], size[1]]
+        ):
+            return {"size": [size[0], size[1]], "counts": segmentation["counts"]}
         if isinstance(segmentation, Mapping) and "counts" in segmentation and "size" in segmentation:
             if [int(v) for v in segmentation["size"]] != list(size):
                 raise EvaluationError(
