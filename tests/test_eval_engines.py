@@ -138,6 +138,20 @@ def test_auto_uses_hotcoco_and_falls_back_to_pycocotools(monkeypatch):
         coco_mask_ap(gt, results, engine="fast")
 
 
+def test_auto_takes_pycocotools_where_hotcoco_refuses_the_input():
+    gt, results = instance_case(0)
+    name = {image["id"]: f"img{image['id']}" for image in gt["images"]}  # COCO allows any id; hotcoco not
+    named_gt = {
+        **gt,
+        "images": [{**image, "id": name[image["id"]]} for image in gt["images"]],
+        "annotations": [{**a, "image_id": name[a["image_id"]]} for a in gt["annotations"]],
+    }
+    named_results = [{**r, "image_id": name[r["image_id"]]} for r in results]
+    with pytest.raises(ValueError):
+        coco_mask_ap(named_gt, named_results, engine="hotcoco")
+    assert json.dumps(coco_mask_ap(named_gt, named_results)) == json.dumps(coco_mask_ap(gt, results))
+
+
 def test_polygon_results_without_pycocotools(monkeypatch):
     gt, results = instance_case(4)
     polygon = {**results[0], "segmentation": [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]}

@@ -44,6 +44,15 @@ def _import(engine: str):
     return COCO, COCOeval, mask_api
 
 
+def available(engine: str) -> bool:
+    """Whether "hotcoco" or "pycocotools" imports."""
+    try:
+        _import(engine)
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_engine(engine: str = "auto") -> str:
     """The engine that `engine` runs: "auto" is hotcoco if it imports, else pycocotools.
 
@@ -52,11 +61,8 @@ def resolve_engine(engine: str = "auto") -> str:
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     for candidate in ("hotcoco", "pycocotools") if engine == "auto" else (engine,):
-        try:
-            _import(candidate)
-        except ImportError:
-            continue
-        return candidate
+        if available(candidate):
+            return candidate
     wanted = "pycocotools or hotcoco" if engine == "auto" else engine
     raise ModuleNotFoundError(
         f"mask AP needs {wanted}: pip install 'mask2former[eval]' (hotcoco, or pycocotools as the fallback)"
