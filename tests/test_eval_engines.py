@@ -138,6 +138,25 @@ def test_auto_uses_hotcoco_and_falls_back_to_pycocotools(monkeypatch):
         coco_mask_ap(gt, results, engine="fast")
 
 
+def test_results_checked_in_bulk_equal_results_checked_one_by_one():
+    from mask2former.evaluation import InstanceEvaluator
+
+    gt, results = instance_case(2)
+    results[0] = {**results[0], "bbox": [0, 0, 1, 1], "score": 1}  # boxes dropped, int scores as float
+    original = copy.deepcopy(results)
+    evaluator = InstanceEvaluator(gt)
+    bulk = evaluator._checked_in_bulk(results)
+    assert bulk is not None and bulk == evaluator._checked_one_by_one(results)
+    assert "bbox" not in bulk[0] and type(bulk[0]["score"]) is float
+    assert results == original
+    uncompressed = {**results[1], "segmentation": {"size": [H, W], "counts": [H * W]}}
+    assert evaluator._checked_in_bulk([*results, uncompressed]) is None  # the general path takes it
+    evaluator.update_coco([*results, uncompressed])
+    assert len(evaluator.results) == len(results) + 1
+    with pytest.raises(EvaluationError, match="result 3: image_id 99"):
+        evaluator.update_coco([*results[:3], {**results[3], "image_id": 99}])
+
+
 def test_auto_takes_pycocotools_where_hotcoco_refuses_the_input():
     gt, results = instance_case(0)
     name = {image["id"]: f"img{image['id']}" for image in gt["images"]}  # COCO allows any id; hotcoco not
