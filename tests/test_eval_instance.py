@@ -190,8 +190,8 @@ def test_no_results_gives_nan_and_bad_results_raise():
         coco_mask_ap({**gt, "annotations": [{**gt["annotations"][0], "category_id": 5}]}, [])
 
 
-def test_missing_pycocotools_is_a_one_line_hint(monkeypatch):
-    for name in ("pycocotools", "pycocotools.coco", "pycocotools.cocoeval", "pycocotools.mask"):
+def test_missing_engines_are_a_one_line_hint(monkeypatch):
+    for name in ("pycocotools", "pycocotools.coco", "pycocotools.cocoeval", "pycocotools.mask", "hotcoco"):
         monkeypatch.setitem(sys.modules, name, None)  # makes the import fail
-    with pytest.raises(ModuleNotFoundError, match="pip install pycocotools"):
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'mask2former\[eval\]'"):
         coco_mask_ap(ground_truth(), [])

@@ -1,8 +1,9 @@
 """Evaluation that agrees with the reference tools: mIoU (detectron2's SemSegEvaluator), PQ (panopticapi's
-pq_compute) and mask AP (pycocotools' COCOeval).
+pq_compute) and mask AP (pycocotools' COCOeval, computed by hotcoco when installed: coco_engine.py).
 
 Every evaluator is an accumulator: `update(...)` per image, `merge(other)` to combine shards evaluated in
-other processes, `compute() -> dict` of metrics in percent. `files` scores prediction files on disk.
+other processes, `compute() -> dict` of metrics in percent. `files` scores prediction files on disk, on
+worker threads (`parallel.py`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from mask2former.data import coco_checks
 from mask2former.evaluation import EvaluationError
 from mask2former.evaluation.instance import InstanceEvaluator
 from mask2former.evaluation.panoptic import PanopticEvaluator
+from mask2former.evaluation.parallel import ordered_map
 from mask2former.evaluation.semantic import SemanticEvaluator
 
 PathLike = str | os.PathLike
@@ -50,8 +51,8 @@ def _open_png(path: Path, panoptic: bool) -> np.ndarray:
 
 def read_panoptic_ids(path: PathLike) -> np.ndarray:
     """COCO panoptic PNG -> (H, W) int32 segment ids, id = R + 256 G + 256^2 B (0 = VOID)."""
-    rgb = _open_png(Path(path), panoptic=True).astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    rgb = fileio.decode_rgb8_png(Path(path))  # the common 8-bit RGB file, fast when imagecodecs is there
+    return fileio.rgb2id(rgb if rgb is not None else _open_png(Path(path), panoptic=True))
 
 
 def read_labels(path: PathLike) -> np.ndarray:
@@ -107,12 +108,19 @@ def _check_panoptic_files(gt: Any, gt_json: Path, predictions: Any, pred_json: P
 
 
 def evaluate_panoptic_files(
-    pred_json: PathLike, pred_dir: PathLike, gt_json: PathLike, gt_dir: PathLike, progress: bool = False
+    pred_json: PathLike,
+    pred_dir: PathLike,
+    gt_json: PathLike,
+    gt_dir: PathLike,
+    progress: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """PQ of COCO panoptic predictions (JSON + PNG folder) against COCO panoptic ground truth.
 
     Images are the ground truth's annotations; each finds its prediction by image_id, else by PNG name.
-    Categories are the ground truth's. Returns PanopticEvaluator.compute()'s dict.
+    Categories are the ground truth's. workers: threads reading and comparing PNGs (default: the cores,
+    at most 8); the statistics are added in image order, so any number gives the same figures.
+    Returns PanopticEvaluator.compute()'s dict.
     """
     pred_json, pred_dir, gt_json, gt_dir = Path(pred_json), Path(pred_dir), Path(gt_json), Path(gt_dir)
     gt = read_json(gt_json)
@@ -129,16 +137,29 @@ def evaluate_panoptic_files(
         evaluator = PanopticEvaluator(gt["categories"])
     except (KeyError, TypeError, ValueError) as error:
         raise EvaluationError(f"{gt_json}: bad 'categories' ({error})") from None
-    with tqdm(gt_annotations, desc="panoptic", unit="image", disable=not progress) as bar:
-        for gt_annotation in bar:  # the with block closes the bar before an error is printed
-            _score_panoptic_image(
-                evaluator, gt_annotation, by_id, by_stem, pred_json, pred_dir, gt_json, gt_dir
-            )
+
+    def statistics(gt_annotation: dict):
+        # Runs on a worker thread; a problem surfaces when its image's turn comes, so in image order.
+        pred_png, pred_annotation, gt_png, where = _panoptic_image(
+            gt_annotation, by_id, by_stem, pred_json, pred_dir, gt_json, gt_dir
+        )
+        return evaluator.image_statistics(
+            read_panoptic_ids(pred_png),
+            pred_annotation["segments_info"],
+            read_panoptic_ids(gt_png),
+            gt_annotation["segments_info"],
+            strict=True,
+            where=where,
+        )
+
+    with tqdm(total=len(gt_annotations), desc="panoptic", unit="image", disable=not progress) as bar:
+        for image_statistics in ordered_map(statistics, gt_annotations, workers):
+            evaluator.add_image(image_statistics)  # in image order, on this thread
+            bar.update()
     return evaluator.compute()
 
 
-def _score_panoptic_image(
-    evaluator: PanopticEvaluator,
+def _panoptic_image(
     gt_annotation: dict,
     by_id: dict,
     by_stem: dict,
@@ -146,7 +167,8 @@ def _score_panoptic_image(
     pred_dir: Path,
     gt_json: Path,
     gt_dir: Path,
-) -> None:
+) -> tuple:
+    """(prediction PNG, its annotation, ground-truth PNG, names for errors) of one ground-truth image."""
     image_id = gt_annotation.get("image_id")
     pred_annotation = by_id.get(image_id) or by_stem.get(Path(gt_annotation["file_name"]).stem)
     if pred_annotation is None:
@@ -154,17 +176,11 @@ def _score_panoptic_image(
             f"{pred_json}: no prediction for image_id {image_id} ({gt_annotation['file_name']} in {gt_json})"
         )
     pred_png, gt_png = pred_dir / pred_annotation["file_name"], gt_dir / gt_annotation["file_name"]
-    evaluator.update(
-        read_panoptic_ids(pred_png),
-        pred_annotation["segments_info"],
-        read_panoptic_ids(gt_png),
-        gt_annotation["segments_info"],
-        strict=True,
-        where=(
-            f"{pred_png} (image_id {image_id}, segments_info in {pred_json.name})",
-            f"{gt_png} (image_id {image_id}, segments_info in {gt_json.name})",
-        ),
+    where = (
+        f"{pred_png} (image_id {image_id}, segments_info in {pred_json.name})",
+        f"{gt_png} (image_id {image_id}, segments_info in {gt_json.name})",
     )
+    return pred_png, pred_annotation, gt_png, where
 
 
 def evaluate_semantic_files(
@@ -174,10 +190,12 @@ def evaluate_semantic_files(
     ignore_label: int = 255,
     class_names: Sequence[str] | None = None,
     progress: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """mIoU & co. of label PNGs in pred_dir against the label PNGs of the same names in gt_dir.
 
-    Labels are class indices 0..num_classes-1 or ignore_label. Returns SemanticEvaluator.compute()'s dict.
+    Labels are class indices 0..num_classes-1 or ignore_label. workers: threads reading the PNGs (default:
+    the cores, at most 8). Returns SemanticEvaluator.compute()'s dict.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for folder in (pred_dir, gt_dir):
@@ -187,14 +205,19 @@ def evaluate_semantic_files(
     if not gt_files:
         raise EvaluationError(f"{gt_dir}: no .png label files")
     evaluator = SemanticEvaluator(num_classes, ignore_label, class_names)
-    with tqdm(gt_files, desc="semantic", unit="image", disable=not progress) as bar:
-        for gt_path in bar:
-            pred_path = pred_dir / gt_path.name
-            if not pred_path.is_file():
-                raise EvaluationError(f"{pred_path}: no such file (the prediction for {gt_path})")
-            evaluator.update(
-                read_labels(pred_path), read_labels(gt_path), where=(str(pred_path), str(gt_path))
-            )
+
+    def read(gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        pred_path = pred_dir / gt_path.name
+        if not pred_path.is_file():
+            raise EvaluationError(f"{pred_path}: no such file (the prediction for {gt_path})")
+        return read_labels(pred_path), read_labels(gt_path)
+
+    with tqdm(total=len(gt_files), desc="semantic", unit="image", disable=not progress) as bar:
+        for gt_path, (pred_labels, gt_labels) in zip(
+            gt_files, ordered_map(read, gt_files, workers), strict=True
+        ):
+            evaluator.update(pred_labels, gt_labels, where=(str(pred_dir / gt_path.name), str(gt_path)))
+            bar.update()
     warnings = _check_label_agreement(evaluator, pred_dir, gt_dir)
     return {**evaluator.compute(), **({"warnings": warnings} if warnings else {})}
 
@@ -230,8 +253,13 @@ def _few(values: list[int]) -> str:
     return "{" + ", ".join(map(str, values[:8])) + (", ...}" if len(values) > 8 else "}")
 
 
-def evaluate_instance_files(pred_json: PathLike, gt_json: PathLike, verbose: bool = False) -> dict:
-    """COCO mask AP of a COCO results JSON against a COCO instances JSON (InstanceEvaluator.compute())."""
+def evaluate_instance_files(
+    pred_json: PathLike, gt_json: PathLike, verbose: bool = False, engine: str = "auto"
+) -> dict:
+    """COCO mask AP of a COCO results JSON against a COCO instances JSON (InstanceEvaluator.compute()).
+
+    engine: the COCOeval that runs, "auto" (hotcoco if installed, else pycocotools), "hotcoco" or
+    "pycocotools"; the figures are the same."""
     pred_json, gt_json = Path(pred_json), Path(gt_json)
     gt = read_json(gt_json)
     if not isinstance(gt, dict):
@@ -245,7 +273,7 @@ def evaluate_instance_files(pred_json: PathLike, gt_json: PathLike, verbose: boo
     except coco_checks.CocoFormatError as error:
         raise EvaluationError(str(error)) from None
     try:
-        evaluator = InstanceEvaluator(gt, verbose=verbose)
+        evaluator = InstanceEvaluator(gt, verbose=verbose, engine=engine)
     except EvaluationError as error:
         raise EvaluationError(f"{gt_json}: {error}") from None
     try:

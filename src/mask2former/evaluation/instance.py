@@ -1,46 +1,28 @@
-"""COCO mask AP by pycocotools' COCOeval (iouType "segm"): the reference itself, not a re-implementation.
+"""COCO mask AP by COCOeval (iouType "segm"): hotcoco's when installed, else pycocotools', the reference
+(coco_engine.py runs them; the same numbers either way).
 
 Our masks become COCO compressed RLE with mask2former.rle (identical to pycocotools' encoding). As
 detectron2's COCOEvaluator does, result boxes are dropped before loadRes: pycocotools would otherwise take
 the box area for the small/medium/large split instead of the mask area.
 
-pycocotools is imported on first use, so the rest of the package works without it.
+The engine is imported on first use, so the rest of the package works without it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
+import gc
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mask2former import rle
-from mask2former.evaluation import EvaluationError
+from mask2former.evaluation import EvaluationError, coco_engine
 
 if TYPE_CHECKING:
     from mask2former.results import InstanceResult
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
-
-
-def _pycocotools():
-    try:
-        from pycocotools import mask as mask_util
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        raise ModuleNotFoundError(
-            "mask AP needs pycocotools: pip install pycocotools (or pip install 'mask2former[eval]')"
-        ) from None
-    return COCO, COCOeval, mask_util
-
-
-def _quiet(verbose: bool):
-    """COCO and COCOeval print progress on stdout; keep it unless verbose."""
-    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
 
 
 def check_ground_truth(gt: Mapping[str, Any]) -> None:
@@ -74,12 +56,17 @@ class InstanceEvaluator:
 
     gt: {"images": [{"id", "height", "width"}], "annotations": [{"id", "image_id", "category_id",
     "segmentation" (polygons or RLE), "iscrowd", "area"}], "categories": [{"id", "name"}]}.
+
+    engine: "auto" (hotcoco if installed, else pycocotools), "hotcoco" or "pycocotools".
     """
 
-    def __init__(self, gt: Mapping[str, Any], verbose: bool = False):
+    def __init__(self, gt: Mapping[str, Any], verbose: bool = False, engine: str = "auto"):
         check_ground_truth(gt)
+        if engine not in coco_engine.ENGINES:
+            raise ValueError(f"engine {engine!r}: expected one of {', '.join(coco_engine.ENGINES)}")
         self.gt = gt
         self.verbose = verbose
+        self.engine = engine
         self.sizes = {image["id"]: (int(image["height"]), int(image["width"])) for image in gt["images"]}
         self.category_ids = {c["id"] for c in gt["categories"]}
         self.results: list[dict] = []
@@ -104,9 +91,59 @@ class InstanceEvaluator:
 
     def update_coco(self, results: Sequence[Mapping[str, Any]]) -> None:
         """Add COCO results [{"image_id", "category_id", "segmentation" (RLE or polygons), "score"}]."""
+        checked = self._checked_in_bulk(results)
+        if checked is None:
+            checked = self._checked_one_by_one(results)  # names the first bad result
+        self.results.extend(checked)
+        self.image_ids.update(result["image_id"] for result in checked)
+
+    def _checked_in_bulk(self, results: Sequence[Any]) -> list[dict] | None:
+        """_checked_one_by_one's output for the common case (dicts with a compressed RLE of the image's size,
+        known ids, int or float scores), checked in whole-list passes (a COCO-val results file holds ~10^5);
+        None when any result needs the general path."""
+        if not all(type(result) is dict for result in results):
+            return None
+        try:
+            image_ids = [result["image_id"] for result in results]
+            category_ids = [result["category_id"] for result in results]
+            scores = [result["score"] for result in results]
+            segmentations = [result["segmentation"] for result in results]
+            if not (set(image_ids) <= self.sizes.keys() and set(category_ids) <= self.category_ids):
+                return None
+        except (KeyError, TypeError):  # a key missing, an unhashable id
+            return None
+        sizes = {image_id: [height, width] for image_id, (height, width) in self.sizes.items()}
+        if not all(type(score) is float or type(score) is int for score in scores) or not all(
+            type(segmentation) is dict
+            and type(segmentation.get("counts")) is str
+            and segmentation.get("size") == sizes[image_id]
+            for segmentation, image_id in zip(segmentations, image_ids, strict=True)
+        ):
+            return None
+        # Two dicts per result (the size list is shared per image: nothing writes into it), built with the
+        # cyclic garbage collector paused: 10^5 new containers would otherwise set it walking the heap.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return [
+                {
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "segmentation": {"size": sizes[image_id], "counts": segmentation["counts"]},
+                    "score": float(score),
+                }
+                for image_id, category_id, segmentation, score in zip(
+                    image_ids, category_ids, segmentations, scores, strict=True
+                )
+            ]
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _checked_one_by_one(self, results: Sequence[Any]) -> list[dict]:
         checked = []
         for i, result in enumerate(results):
-            if not isinstance(result, Mapping):
+            if type(result) is not dict and not isinstance(result, Mapping):  # the fast test first
                 raise EvaluationError(
                     f"result {i} is not an object with image_id, category_id, segmentation, score"
                 )
@@ -119,7 +156,9 @@ class InstanceEvaluator:
                 )
             if not isinstance(result.get("score"), (int, float)):
                 raise EvaluationError(f"result {i} (image_id {image_id}): 'score' must be a number")
-            segmentation = self._as_rle(result.get("segmentation"), self.sizes[image_id], f"result {i}")
+            segmentation = self._as_rle(
+                result.get("segmentation"), self.sizes[image_id], f"result {i}", self.engine
+            )
             # A copy without "bbox": loadRes would otherwise use box areas for APs/APm/APl (as detectron2).
             checked.append(
                 {
@@ -129,11 +168,16 @@ class InstanceEvaluator:
                     "score": float(result["score"]),
                 }
             )
-            self.image_ids.add(image_id)
-        self.results.extend(checked)
+        return checked
 
     @staticmethod
-    def _as_rle(segmentation: Any, size: tuple[int, int], where: str) -> dict:
+    def _as_rle(segmentation: Any, size: tuple[int, int], where: str, engine: str) -> dict:
+        if (  # the common case, a compressed RLE from a JSON file, without the general checks' cost
+            type(segmentation) is dict
+            and type(segmentation.get("counts")) is str
+            and segmentation.get("size") == [size[0], size[1]]
+        ):
+            return {"size": [size[0], size[1]], "counts": segmentation["counts"]}
         if isinstance(segmentation, Mapping) and "counts" in segmentation and "size" in segmentation:
             if [int(v) for v in segmentation["size"]] != list(size):
                 raise EvaluationError(
@@ -143,9 +187,12 @@ class InstanceEvaluator:
                 return rle.encode(rle.decode(segmentation))[0]
             return dict(segmentation)
         if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation) and segmentation:
-            _, _, mask_util = _pycocotools()
-            merged = mask_util.merge(mask_util.frPyObjects(segmentation, *size))
-            return {"size": list(size), "counts": merged["counts"].decode("ascii")}
+            merged = coco_engine.to_rle(coco_engine.mask_api(engine), segmentation, *size)
+            counts = merged["counts"]
+            return {
+                "size": list(size),
+                "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+            }
         raise EvaluationError(
             f"{where}: 'segmentation' must be an RLE {{size, counts}} or a list of polygons"
         )
@@ -161,48 +208,51 @@ class InstanceEvaluator:
 
         image_ids: the images to score (default: every ground-truth image, as COCOeval does).
         """
-        COCO, COCOeval, mask_util = _pycocotools()
-        dataset = copy.deepcopy(dict(self.gt))  # COCOeval rewrites annotations in place
-        names = {c["id"]: c.get("name", str(c["id"])) for c in dataset["categories"]}
-        with _quiet(self.verbose):
-            coco_gt = COCO()
-            for annotation_id, annotation in enumerate(dataset["annotations"], start=1):
-                annotation.setdefault("iscrowd", 0)
-                annotation.setdefault("id", annotation_id)
-            coco_gt.dataset = dataset
-            coco_gt.createIndex()
-            for annotation in dataset["annotations"]:
-                if "area" not in annotation:
-                    annotation["area"] = float(mask_util.area(coco_gt.annToRLE(annotation)))
-            n_images = len(image_ids) if image_ids is not None else len(dataset["images"])
-            if not self.results:
-                empty = dict.fromkeys(METRICS, float("nan"))
-                per_class = {str(k): {"name": v, "AP": float("nan")} for k, v in names.items()}
-                return {**empty, "images": n_images, "per_class": per_class}
-            coco_dt = coco_gt.loadRes([dict(r) for r in self.results])
-            evaluator = COCOeval(coco_gt, coco_dt, "segm")
-            if image_ids is not None:
-                evaluator.params.imgIds = sorted(image_ids)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        stats = evaluator.stats
+        engine = coco_engine.resolve_engine(self.engine)
+        names = {c["id"]: c.get("name", str(c["id"])) for c in self.gt["categories"]}
+        n_images = len(image_ids) if image_ids is not None else len(self.gt["images"])
+        if not self.results:
+            empty = dict.fromkeys(METRICS, float("nan"))
+            per_class = {str(k): {"name": v, "AP": float("nan")} for k, v in names.items()}
+            return {**empty, "images": n_images, "per_class": per_class}
+        try:
+            output = coco_engine.run_segm_eval(
+                coco_engine.prepared_ground_truth(self.gt, engine),
+                self.results,
+                image_ids,
+                engine,
+                self.verbose,
+            )
+        except (ValueError, TypeError, OverflowError):
+            # hotcoco is stricter than COCO (e.g. image ids must be integers); auto then takes the reference.
+            if self.engine != "auto" or engine != "hotcoco" or not coco_engine.available("pycocotools"):
+                raise
+            engine = "pycocotools"
+            output = coco_engine.run_segm_eval(
+                coco_engine.prepared_ground_truth(self.gt, engine),
+                self.results,
+                image_ids,
+                engine,
+                self.verbose,
+            )
+        stats = output.stats
         out: dict[str, Any] = {
             m: 100 * float(stats[i]) if stats[i] >= 0 else float("nan") for i, m in enumerate(METRICS)
         }
         # precision: (IoU thresholds, recall points, categories, area ranges, max dets); area "all", 100 dets.
-        precision = evaluator.eval["precision"]
         per_class = {}
-        for k, category_id in enumerate(evaluator.params.catIds):
-            values = precision[:, :, k, 0, -1]
+        for k, category_id in enumerate(output.category_ids):
+            values = output.precision[:, :, k, 0, -1]
             values = values[values > -1]
             ap = 100 * float(values.mean()) if values.size else float("nan")
             per_class[str(category_id)] = {"name": names.get(category_id, str(category_id)), "AP": ap}
         return {**out, "images": n_images, "per_class": per_class}
 
 
-def coco_mask_ap(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], verbose: bool = False) -> dict:
+def coco_mask_ap(
+    gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], verbose: bool = False, engine: str = "auto"
+) -> dict:
     """Mask AP of COCO results against a COCO instances dict (see InstanceEvaluator.compute)."""
-    evaluator = InstanceEvaluator(gt, verbose=verbose)
+    evaluator = InstanceEvaluator(gt, verbose=verbose, engine=engine)
     evaluator.update_coco(results)
     return evaluator.compute()

@@ -18,6 +18,7 @@ or up to float rounding of the IoU sums.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,15 +105,14 @@ class _CategoryLookup:
         return self.order[position]
 
 
-def _runs(
-    gt_flat: np.ndarray, pred_flat: np.ndarray, change: np.ndarray, scratch: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _runs(gt_flat: np.ndarray, pred_flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maximal runs of one (ground truth, prediction) id pair along the raster: (gt ids, pred ids, lengths).
 
     Segments are large regions, so an image has far fewer runs than pixels: three cheap passes over the
-    pixels find the run starts, and everything after works on runs. change, scratch: (N - 1,) bool buffers
-    reused between images (fresh ones cost a page fault per 4 kB).
+    pixels find the run starts, and everything after works on runs.
     """
+    change = np.empty(gt_flat.size - 1, dtype=bool)
+    scratch = np.empty(gt_flat.size - 1, dtype=bool)
     np.not_equal(gt_flat[1:], gt_flat[:-1], out=change)
     np.not_equal(pred_flat[1:], pred_flat[:-1], out=scratch)
     np.logical_or(change, scratch, out=change)
@@ -133,6 +133,16 @@ def _compact(values: np.ndarray, ids: np.ndarray, where: str) -> np.ndarray:
         problem = "negative" if value < 0 else "in the id map but not in segments_info"
         raise EvaluationError(f"{where}: segment id {value} is {problem}")
     return position
+
+
+@dataclass
+class ImageStatistics:
+    """One image's overlaps, before they are added: hist (Sg + 1, Sp + 1) pixel counts of every (ground
+    truth, prediction) segment pair, index 0 = VOID; the segments of both, sorted by id."""
+
+    hist: np.ndarray
+    gt: _Segments
+    pred: _Segments
 
 
 class PanopticEvaluator:
@@ -156,7 +166,6 @@ class PanopticEvaluator:
         self.fn = np.zeros(k, dtype=np.int64)
         self.iou = np.zeros(k, dtype=np.float64)  # sum of the IoUs of the matched pairs
         self.images = 0
-        self._buffers = (np.empty(0, dtype=bool), np.empty(0, dtype=bool))  # scratch for _runs
 
     def update(
         self,
@@ -176,6 +185,23 @@ class PanopticEvaluator:
         as in panopticapi; strict=True rejects it instead (a JSON that disagrees with its PNG).
         where: names of the prediction and the ground truth in error messages.
         """
+        self.add_image(
+            self.image_statistics(pred_ids, pred_segments, gt_ids, gt_segments, strict=strict, where=where)
+        )
+
+    def image_statistics(
+        self,
+        pred_ids: np.ndarray,
+        pred_segments: Sequence[Any],
+        gt_ids: np.ndarray,
+        gt_segments: Sequence[Any],
+        *,
+        strict: bool = False,
+        where: tuple[str, str] = ("prediction", "ground truth"),
+    ) -> ImageStatistics:
+        """The pixel work of update (same arguments), without adding it: it only reads the categories, so
+        threads may run it on several images at once; add_image then adds the results in image order (the
+        IoU sums then equal one pass's bit for bit)."""
         pred_ids, gt_ids = np.asarray(pred_ids), np.asarray(gt_ids)
         for ids, name in ((pred_ids, where[0]), (gt_ids, where[1])):
             if ids.ndim != 2 or ids.dtype.kind not in "iu":
@@ -192,9 +218,7 @@ class PanopticEvaluator:
         # hist[g, p]: pixels of ground-truth segment g and predicted segment p (index 0 = VOID).
         hist = np.zeros((gt.ids.size + 1, n_pred), dtype=np.int64)
         if gt_ids.size:
-            if self._buffers[0].size != gt_ids.size - 1:
-                self._buffers = (np.empty(gt_ids.size - 1, dtype=bool), np.empty(gt_ids.size - 1, dtype=bool))
-            gt_runs, pred_runs, lengths = _runs(gt_ids.ravel(), pred_ids.ravel(), *self._buffers)
+            gt_runs, pred_runs, lengths = _runs(gt_ids.ravel(), pred_ids.ravel())
             combined = _compact(gt_runs, gt.ids, where[1]) * n_pred + _compact(pred_runs, pred.ids, where[0])
             # float64 weights count exactly up to 2**53 pixels
             hist += (
@@ -202,15 +226,21 @@ class PanopticEvaluator:
                 .astype(np.int64)
                 .reshape(hist.shape)
             )
-        gt_area, pred_area = hist[1:].sum(axis=1), hist[:, 1:].sum(axis=0)
         if strict:
+            gt_area, pred_area = hist[1:].sum(axis=1), hist[:, 1:].sum(axis=0)
             for area, segments, name in ((pred_area, pred, where[0]), (gt_area, gt, where[1])):
                 if (area == 0).any():
                     missing = int(segments.ids[np.argmax(area == 0)])
                     raise EvaluationError(
                         f"{name}: segment id {missing} is in segments_info but not in the id map"
                     )
-        self._accumulate(hist, gt, pred, gt_area, pred_area)
+        return ImageStatistics(hist, gt, pred)
+
+    def add_image(self, statistics: ImageStatistics) -> None:
+        """Add one image's image_statistics (made with this evaluator's categories)."""
+        hist = statistics.hist
+        gt_area, pred_area = hist[1:].sum(axis=1), hist[:, 1:].sum(axis=0)
+        self._accumulate(hist, statistics.gt, statistics.pred, gt_area, pred_area)
         self.images += 1
 
     def _accumulate(

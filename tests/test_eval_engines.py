@@ -1,0 +1,401 @@
+"""Every evaluation engine against the reference: mask AP by hotcoco and by the pycocotools fallback against
+pycocotools' COCOeval itself; PQ from files (imagecodecs or PIL reader, any number of threads) against the
+panopticapi rules (test_eval_panoptic.reference_stats); scoring overlapped with inference."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_eval_panoptic import CATEGORIES, random_scene, reference_stats
+
+from mask2former import fileio, rle
+from mask2former.evaluation import EvaluationError, coco_engine
+from mask2former.evaluation.files import evaluate_panoptic_files, read_panoptic_ids
+from mask2former.evaluation.instance import coco_mask_ap
+from mask2former.evaluation.model import evaluate_predictor
+from mask2former.evaluation.parallel import BackgroundScorer, ordered_map
+
+pytest.importorskip("pycocotools")
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
+H, W = 48, 64
+
+
+# ------------------------------------------------------------------ mask AP
+
+
+def _ellipse(rng) -> np.ndarray:
+    rows, cols = np.ogrid[:H, :W]
+    cy, cx, ry, rx = rng.uniform(0, H), rng.uniform(0, W), rng.uniform(2, H / 2), rng.uniform(2, W / 2)
+    return ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 <= 1
+
+
+def instance_case(seed: int = 0) -> tuple[dict, list[dict]]:
+    """Eight images, four categories: crowds (uncompressed RLE), polygons, ground truth without "area",
+    an image with detections only, one with ground truth only, one with neither, unmatched detections."""
+    rng = np.random.default_rng(seed)
+    gt = {
+        "images": [{"id": i, "height": H, "width": W} for i in range(1, 9)],
+        "annotations": [],
+        "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 5, 9)],
+    }
+    results = []
+    for image_id in range(1, 9):
+        masks = [_ellipse(rng) for _ in range(0 if image_id in (6, 7) else int(rng.integers(1, 7)))]
+        categories = [int(rng.choice([1, 2, 5, 9])) for _ in masks]
+        for k, (mask, category) in enumerate(zip(masks, categories, strict=True)):
+            annotation = {"image_id": image_id, "category_id": category, "iscrowd": int(k == 3)}
+            encoded = rle.encode(mask)[0]
+            if k == 3:  # crowd regions are uncompressed RLE in COCO
+                encoded = {
+                    "size": encoded["size"],
+                    "counts": rle._string_to_counts(encoded["counts"]).tolist(),
+                }
+            elif k == 1:  # a polygon: the mask's bounding box
+                x, y, w, h = rle.to_bbox([encoded])[0]
+                encoded = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            annotation["segmentation"] = encoded
+            if k != 2:
+                annotation["area"] = float(rle.area(rle.encode(mask)[0])[0])
+            gt["annotations"].append(annotation)
+        if image_id in (5, 7):  # ground truth without any detection; an empty image
+            continue
+        for _ in range(int(rng.integers(2, 12))):
+            if masks and rng.random() < 0.7:
+                k = int(rng.integers(len(masks)))
+                mask = np.roll(masks[k], tuple(rng.integers(-3, 4, size=2)), axis=(0, 1))
+                category = categories[k] if rng.random() < 0.8 else int(rng.choice([1, 2, 5, 9]))
+            else:
+                mask, category = _ellipse(rng), int(rng.choice([1, 2, 5, 9]))
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": category,
+                    "segmentation": rle.encode(mask)[0],
+                    "score": float(rng.integers(1, 40)) / 40,  # ties, as real scores have
+                }
+            )
+    return gt, results
+
+
+def pycocotools_directly(gt: dict, results: list[dict]) -> COCOeval:
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        for i, annotation in enumerate(coco_gt.dataset["annotations"], start=1):
+            annotation["id"] = i
+        coco_gt.createIndex()
+        for annotation in coco_gt.dataset["annotations"]:
+            annotation.setdefault(
+                "area", float(coco_engine.mask_api("pycocotools").area(coco_gt.annToRLE(annotation)))
+            )
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), "segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+@pytest.mark.parametrize("engine", ["hotcoco", "pycocotools"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_ap_engine_gives_pycocotools_statistics(engine, seed):
+    gt, results = instance_case(seed)
+    reference = pycocotools_directly(gt, results)
+    output = coco_engine.run_segm_eval(coco_engine.prepared_ground_truth(gt, engine), results, engine=engine)
+    assert output.engine == engine
+    np.testing.assert_array_equal(output.stats, reference.stats)  # all 12 figures, every digit
+    np.testing.assert_array_equal(output.precision, reference.eval["precision"])
+    assert 0 < reference.stats[0] < 1 and (reference.stats[3:6] >= 0).sum() >= 2  # a non-trivial case
+    metrics = coco_mask_ap(gt, results, engine=engine)
+    assert metrics["AP"] == 100 * float(reference.stats[0]) and metrics["APm"] == 100 * float(
+        reference.stats[4]
+    )
+    assert set(metrics["per_class"]) == {"1", "2", "5", "9"}
+
+
+def test_auto_uses_hotcoco_and_falls_back_to_pycocotools(monkeypatch):
+    gt, results = instance_case(3)
+    assert coco_engine.resolve_engine("auto") == "hotcoco"
+    with_hotcoco = coco_mask_ap(gt, results)
+    monkeypatch.setitem(sys.modules, "hotcoco", None)  # as if not installed
+    assert coco_engine.resolve_engine("auto") == "pycocotools"
+    assert json.dumps(coco_mask_ap(gt, results)) == json.dumps(with_hotcoco)
+    with pytest.raises(ModuleNotFoundError, match="mask AP needs hotcoco"):
+        coco_mask_ap(gt, results, engine="hotcoco")
+    with pytest.raises(ValueError, match="engine 'fast'"):
+        coco_mask_ap(gt, results, engine="fast")
+
+
+def test_results_checked_in_bulk_equal_results_checked_one_by_one():
+    from mask2former.evaluation import InstanceEvaluator
+
+    gt, results = instance_case(2)
+    results[0] = {**results[0], "bbox": [0, 0, 1, 1], "score": 1}  # boxes dropped, int scores as float
+    original = copy.deepcopy(results)
+    evaluator = InstanceEvaluator(gt)
+    bulk = evaluator._checked_in_bulk(results)
+    assert bulk is not None and bulk == evaluator._checked_one_by_one(results)
+    assert "bbox" not in bulk[0] and type(bulk[0]["score"]) is float
+    assert results == original
+    uncompressed = {**results[1], "segmentation": {"size": [H, W], "counts": [H * W]}}
+    assert evaluator._checked_in_bulk([*results, uncompressed]) is None  # the general path takes it
+    evaluator.update_coco([*results, uncompressed])
+    assert len(evaluator.results) == len(results) + 1
+    with pytest.raises(EvaluationError, match="result 3: image_id 99"):
+        evaluator.update_coco([*results[:3], {**results[3], "image_id": 99}])
+
+
+def test_auto_takes_pycocotools_where_hotcoco_refuses_the_input():
+    gt, results = instance_case(0)
+    name = {image["id"]: f"img{image['id']}" for image in gt["images"]}  # COCO allows any id; hotcoco not
+    named_gt = {
+        **gt,
+        "images": [{**image, "id": name[image["id"]]} for image in gt["images"]],
+        "annotations": [{**a, "image_id": name[a["image_id"]]} for a in gt["annotations"]],
+    }
+    named_results = [{**r, "image_id": name[r["image_id"]]} for r in results]
+    with pytest.raises(ValueError):
+        coco_mask_ap(named_gt, named_results, engine="hotcoco")
+    assert json.dumps(coco_mask_ap(named_gt, named_results)) == json.dumps(coco_mask_ap(gt, results))
+
+
+def test_polygon_results_without_pycocotools(monkeypatch):
+    gt, results = instance_case(4)
+    polygon = {**results[0], "segmentation": [[5.0, 5.0, 30.0, 5.0, 30.0, 20.0, 5.0, 20.0]]}
+    expected = coco_mask_ap(gt, [polygon, *results[1:]], engine="pycocotools")
+    for name in ("pycocotools", "pycocotools.coco", "pycocotools.cocoeval", "pycocotools.mask"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert json.dumps(coco_mask_ap(gt, [polygon, *results[1:]])) == json.dumps(expected)
+    assert gt == instance_case(4)[0]  # the caller's dict is left alone
+
+
+# ------------------------------------------------------------------ PQ from files
+
+
+def write_panoptic_case(root: Path, seed: int = 0) -> list[tuple]:
+    """Random scenes (crowds, VOID, unmatched segments, several categories) plus an all-VOID image without
+    segments and one whose prediction is all VOID, written as COCO panoptic files; returns the scenes."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng) for _ in range(12)]
+    empty = np.zeros((24, 32), dtype=np.int32)
+    scenes.append((empty, [], empty.copy(), []))
+    pred_map, pred_segments, gt_map, gt_segments = random_scene(rng)
+    scenes.append((empty.copy(), [], gt_map, gt_segments))
+    for folder in ("gt", "pred"):
+        (root / folder).mkdir()
+    listed = {"gt": [], "pred": []}
+    for i, (pred_map, pred_segments, gt_map, gt_segments) in enumerate(scenes):
+        fileio.write_panoptic_png(root / "gt" / f"{i}.png", gt_map)
+        fileio.write_panoptic_png(root / "pred" / f"{i}.png", pred_map)
+        listed["gt"].append({"image_id": i, "file_name": f"{i}.png", "segments_info": gt_segments})
+        listed["pred"].append({"image_id": i, "file_name": f"{i}.png", "segments_info": pred_segments})
+    for name in ("gt", "pred"):
+        with open(root / f"{name}.json", "w") as file:
+            json.dump({"annotations": listed[name], "categories": CATEGORIES}, file)
+    return scenes
+
+
+def score_files(root: Path, workers: int | None) -> dict:
+    return evaluate_panoptic_files(
+        root / "pred.json", root / "pred", root / "gt.json", root / "gt", workers=workers
+    )
+
+
+def test_pq_from_files_with_any_reader_and_thread_count_gives_the_panopticapi_statistics(
+    tmp_path, monkeypatch
+):
+    scenes = write_panoptic_case(tmp_path)
+    reference = reference_stats(scenes, CATEGORIES)
+    assert sum(s[1] for s in reference.values()) and sum(s[2] for s in reference.values())  # fp and fn occur
+    runs = {f"imagecodecs, {n} threads": score_files(tmp_path, n) for n in (1, 3)}
+    monkeypatch.setattr(fileio, "decode_rgb8_png", lambda path: None)  # the PIL reader
+    runs["PIL, 2 threads"] = score_files(tmp_path, 2)
+    for name, metrics in runs.items():
+        for category in CATEGORIES:
+            tp, fp, fn, iou = reference[category["id"]]
+            row = metrics["per_class"][str(category["id"])]
+            assert (row["TP"], row["FP"], row["FN"]) == (tp, fp, fn), (name, category)
+        assert metrics["images"] == len(scenes)
+    first = json.dumps(runs.pop("imagecodecs, 1 threads"))
+    assert all(json.dumps(metrics) == first for metrics in runs.values())  # bit for bit
+
+
+def test_pq_from_files_equals_hotcoco(tmp_path):
+    hotcoco_panoptic = pytest.importorskip("hotcoco.panoptic")
+    write_panoptic_case(tmp_path, seed=1)
+    ours = score_files(tmp_path, 2)
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = hotcoco_panoptic.pq_compute(
+            str(tmp_path / "gt.json"),
+            str(tmp_path / "pred.json"),
+            str(tmp_path / "gt"),
+            str(tmp_path / "pred"),
+        )
+    for category_id, row in theirs["per_class"].items():
+        mine = ours["per_class"][str(category_id)]
+        assert (mine["TP"], mine["FP"], mine["FN"]) == (row["tp"], row["fp"], row["fn"])
+    assert ours["PQ"] == pytest.approx(100 * theirs["All"]["pq"], rel=1e-12, abs=1e-12)
+
+
+def test_errors_surface_in_image_order_with_threads(tmp_path):
+    write_panoptic_case(tmp_path)
+    (tmp_path / "pred" / "9.png").write_bytes(b"not a png")
+    (tmp_path / "gt" / "4.png").unlink()
+    with pytest.raises(EvaluationError, match=r"gt/4.png: no such file"):
+        score_files(tmp_path, 4)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_fast_reader_leaves_other_png_kinds_to_pil(tmp_path, mode):
+    rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(fileio.decode_rgb8_png(tmp_path / "rgb.png"), rgb)
+    np.testing.assert_array_equal(
+        read_panoptic_ids(tmp_path / "rgb.png"), fileio.rgb2id(rgb.astype(np.int64))
+    )
+    image = (
+        Image.fromarray(rgb).convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(rgb[..., 0].astype(np.uint16))
+    )
+    image.save(tmp_path / "other.png")
+    assert fileio.decode_rgb8_png(tmp_path / "other.png") is None
+    with Image.open(tmp_path / "other.png") as pil:
+        expected = fileio.rgb2id(np.asarray(pil.convert("RGB")))
+    np.testing.assert_array_equal(read_panoptic_ids(tmp_path / "other.png"), expected)
+
+
+# ------------------------------------------------------------------ threads
+
+
+def test_ordered_map_keeps_order_and_raises_the_first_error_in_order():
+    seen = set()
+
+    def slow_square(x):
+        seen.add(threading.current_thread().name)
+        if x in (7, 11):
+            raise ValueError(f"item {x}")
+        return x * x
+
+    assert list(ordered_map(slow_square, range(7), workers=3)) == [x * x for x in range(7)]
+    with pytest.raises(ValueError, match="item 7"):
+        list(ordered_map(slow_square, range(20), workers=3))
+    assert any(name.startswith("evaluation") for name in seen)
+    with pytest.raises(ValueError, match="workers 0"):
+        list(ordered_map(slow_square, range(3), workers=0))
+
+
+def test_background_scorer_scores_in_order_and_hands_errors_back():
+    scored = []
+    scorer = BackgroundScorer(scored.append, depth=2)
+    for i in range(50):
+        scorer.put(i)
+    scorer.finish()
+    assert scored == list(range(50))
+
+    def fail_on_three(item):
+        if item == 3:
+            raise EvaluationError("bad item 3")
+
+    scorer = BackgroundScorer(fail_on_three, depth=1)
+    with pytest.raises(EvaluationError, match="bad item 3"):
+        for i in range(100):
+            scorer.put(i)
+        scorer.finish()
+    scorer.close()
+
+
+class _FakePredictor:
+    """A 'model' whose panoptic result is the ground truth with one segment shifted: no torch model needed."""
+
+    config = SimpleNamespace(class_names=["person", "car", "sky", "unused"])
+
+    def __init__(self, scenes):
+        self.scenes = scenes
+
+    def predict(self, image, task):
+        from mask2former.results import PanopticResult, PanopticSegment
+
+        pred_map, pred_segments, _, _ = self.scenes[int(image[0, 0, 0])]
+        contiguous = {c["id"]: i for i, c in enumerate(CATEGORIES)}
+        segments = [
+            PanopticSegment(
+                s["id"], contiguous[s["category_id"]], False, 1.0, int((pred_map == s["id"]).sum())
+            )
+            for s in pred_segments
+        ]
+        return PanopticResult(id_map=pred_map, segments=segments)
+
+
+class _FakeDataset:
+    def __init__(self, scenes):
+        self.scenes = scenes
+        self.meta = SimpleNamespace(
+            class_names=[c["name"] for c in CATEGORIES],
+            category_ids=[c["id"] for c in CATEGORIES],
+            thing_classes=[bool(c["isthing"]) for c in CATEGORIES],
+        )
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, index):
+        return {"image": torch.full((3, 2, 2), float(index)), "file_name": f"{index}.png"}
+
+    def ground_truth(self, index):
+        _, _, gt_map, gt_segments = self.scenes[index]
+        return {"id_map": gt_map, "segments_info": gt_segments}
+
+
+def test_scoring_overlapped_with_inference_gives_the_same_figures():
+    rng = np.random.default_rng(5)
+    scenes = [random_scene(rng) for _ in range(10)]
+    dataset = _FakeDataset(scenes)
+    overlapped = evaluate_predictor(_FakePredictor(scenes), dataset, "panoptic", progress=False)
+    in_turn = evaluate_predictor(_FakePredictor(scenes), dataset, "panoptic", progress=False, overlap=False)
+    assert json.dumps(overlapped) == json.dumps(in_turn)
+    reference = reference_stats(scenes, CATEGORIES)
+    for category in CATEGORIES:
+        row = overlapped["per_class"][str(category["id"])]
+        assert (row["TP"], row["FP"], row["FN"]) == tuple(reference[category["id"]][:3])
+    scenes[4] = (scenes[4][0][:5], *scenes[4][1:])  # a prediction of the wrong size: the scorer's error
+    with pytest.raises(EvaluationError, match=r"id map shape \(5, 32\) differs"):
+        evaluate_predictor(_FakePredictor(scenes), dataset, "panoptic", progress=False)
+
+
+def test_cli_workers_and_engine_flags(tmp_path, capsys):
+    from mask2former.cli import main
+
+    write_panoptic_case(tmp_path)
+    args = ["eval", "--task", "panoptic", "--no-progress"]
+    for flag, name in (("--pred-json", "pred.json"), ("--pred-dir", "pred"), ("--gt-json", "gt.json")):
+        args += [flag, str(tmp_path / name)]
+    args += ["--gt-dir", str(tmp_path / "gt")]
+    assert main([*args, "--workers", "0"]) == 2
+    assert "--workers 0: must be at least 1" in capsys.readouterr().err
+    assert main([*args, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "two" / "metrics.json").read_text() == (tmp_path / "one" / "metrics.json").read_text()
+    gt, results = instance_case(6)
+    (tmp_path / "instances.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    instance = ["eval", "--task", "instance", "--gt-json", str(tmp_path / "instances.json")]
+    instance += ["--pred-json", str(tmp_path / "results.json")]
+    for engine in ("hotcoco", "pycocotools"):
+        assert main([*instance, "--engine", engine, "--out", str(tmp_path / engine)]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "hotcoco" / "metrics.json").read_text() == (
+        tmp_path / "pycocotools" / "metrics.json"
+    ).read_text()
