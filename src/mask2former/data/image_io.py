@@ -12,6 +12,7 @@ conversions would clip 16-bit and float images to 0..255, so those are rescaled 
 from __future__ import annotations
 
 import glob
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,19 @@ class ImageReadError(ValueError):
     """An image could not be read; the message is one line that names the file."""
 
 
-def load_image(source: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+class ImageTooLargeError(ImageReadError):
+    """The image declares more pixels than allowed (a decompression bomb, or simply too big)."""
+
+
+def load_image(
+    source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int | None = None
+) -> np.ndarray:
     """Any supported image -> (H, W, 3) uint8 RGB, C-contiguous, EXIF orientation applied.
 
     Arrays: (H, W, 3) uint8 is returned as is; (H, W) or (H, W, 1) is gray; (H, W, 4) loses its alpha;
-    uint16 arrays are divided by 257. Anything else raises ImageReadError.
+    uint16 arrays are divided by 257. Bytes are an encoded file (PNG, JPEG, ...) held in memory.
+    Anything else raises ImageReadError. For files and bytes, `max_pixels` bounds width x height as
+    read from the header, before any pixel is decoded (ImageTooLargeError above it).
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
@@ -38,29 +47,37 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> np.ndarray:
         name = getattr(source, "filename", "") or "<PIL image>"
         return _pil_to_rgb(source, name)
     if isinstance(source, str | Path):
-        return _read_file(Path(source))
+        path = Path(source)
+        if not path.exists():
+            raise ImageReadError(f"{path}: file not found")
+        if path.is_dir():
+            raise ImageReadError(f"{path}: is a folder, not an image file")
+        return _decode(path, str(path), max_pixels)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _decode(io.BytesIO(source), "<uploaded bytes>", max_pixels)
     kind = type(source).__name__
-    raise ImageReadError(f"cannot read an image from a {kind}; pass a path, PIL image or array")
+    raise ImageReadError(f"cannot read an image from a {kind}; pass a path, bytes, PIL image or array")
 
 
-def _read_file(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise ImageReadError(f"{path}: file not found")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a folder, not an image file")
+def _decode(file: Path | io.BytesIO, name: str, max_pixels: int | None) -> np.ndarray:
     try:
-        with Image.open(path) as img:
+        with Image.open(file) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name}: image of {img.width}x{img.height} = {img.width * img.height} pixels is over "
+                    f"the limit of {max_pixels} pixels"
+                )
             # Image.open only parses the header; load() decodes every byte so truncation shows up here.
             img.load()
-            return _pil_to_rgb(img, str(path))
+            return _pil_to_rgb(img, name)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file (or a format PIL cannot read)") from None
+        raise ImageReadError(f"{name}: not an image file (or a format PIL cannot read)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: image too large to read safely ({_one_line(exc)})") from None
+        raise ImageTooLargeError(f"{name}: image too large to read safely ({_one_line(exc)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _decode_error(path, exc) from None
+        raise _decode_error(name, exc) from None
 
 
 def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
