@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn
     except ImportError:
         raise UserError(INSTALL_HINT) from None
