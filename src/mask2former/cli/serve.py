@@ -62,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(INSTALL_HINT) from None
     from mask2former.serve.app import ServeSettings, create_app
     from mask2former.serve.limits import ServeLimits
+    from mask2former.serve.memory import limit_heap_growth
 
     settings = _settings(args, ServeSettings, ServeLimits)
+    limit_heap_growth()
     if args.weights is not None and not Path(args.weights).exists():
         raise UserError(f"--weights {args.weights}: no such file or folder")
     listener = _listen(args.host, args.port)
