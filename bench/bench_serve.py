@@ -196,6 +196,9 @@ def main() -> None:
     try:
         for server in servers:
             server.start()
+            # Every batch size once (1, 2, ... clients): the model meets each batch shape before measuring.
+            for clients in range(1, args.max_batch + 1):
+                run_load(server, 4 * clients, clients, 0, deadline, good)
             run_load(server, args.warmup, args.clients, args.bad_every, deadline, good)
             server.statuses.clear(), server.latencies.clear()
             server.busy_s, server.requests, server.dropped = 0.0, 0, 0

@@ -16,17 +16,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -43,6 +44,7 @@ from mask2former.serve.limits import (
     check_declared_length,
     decode_upload,
 )
+from mask2former.serve.memory import HeapTrimmer
 from mask2former.serve.metrics import ServeMetrics
 from mask2former.writers import meta_from_config
 
@@ -50,6 +52,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 ENDPOINTS = ("/", "/predict", "/health", "/info", "/metrics")
 FILE_FIELDS = ("image", "file")
 RETRY_AFTER_S = 1
+ENCODE_THREADS = max(2, os.cpu_count() or 2)
 log = logging.getLogger("mask2former.serve")
 
 
@@ -80,6 +83,13 @@ class Service:
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
         self.metrics = ServeMetrics(queue_depth=lambda: self.batcher.depth if self.batcher else 0)
+        self.limiter: anyio.CapacityLimiter | None = None  # threads decoding uploads / encoding answers
+
+    async def in_thread(self, function, *args):
+        """function(*args) in a worker thread; at most a few at once (CPU-bound work, bounded memory)."""
+        if self.limiter is None:
+            self.limiter = anyio.CapacityLimiter(ENCODE_THREADS)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
 
     @property
     def ready(self) -> bool:
@@ -96,8 +106,16 @@ class Service:
             return
         settings = self.settings
         self.meta = meta_from_config(predictor.config)
+        trimmer = HeapTrimmer()
+
+        def run_batch(images, task):
+            try:
+                return predictor.predict_batch(images, task)
+            finally:
+                trimmer.maybe_trim()  # a batch frees many blocks; keep RSS at what is in use
+
         self.batcher = DynamicBatcher(
-            predictor.predict_batch,
+            run_batch,
             max_batch=settings.max_batch,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.limits.max_queue,
@@ -177,7 +195,7 @@ def create_app(
         body = await _read_body(request, limits)
         kind = check_content_type(request.headers.get("content-type"))
         data = await _multipart_image(request, body) if kind == MULTIPART else body
-        image = await run_in_threadpool(decode_upload, data, limits)
+        image = await service.in_thread(decode_upload, data, limits)
         remaining = limits.timeout_s - (time.monotonic() - started)
         try:
             prediction = await asyncio.wait_for(service.batcher.submit(image, task), max(remaining, 0.0))
@@ -185,7 +203,7 @@ def create_app(
             return _error(503, f"server busy: {error}; retry shortly", retry_after=True)
         except TimeoutError:
             return _error(504, f"no result within the per-request timeout of {limits.timeout_s:g} s")
-        return await run_in_threadpool(_answer, service, prediction, threshold, output, overlay)
+        return await service.in_thread(_answer, service, prediction, threshold, output, overlay)
 
     return app
 
