@@ -62,6 +62,7 @@ def _images() -> list[np.ndarray]:
     return [np.ascontiguousarray(a) for a in [*turns, example[:, ::-1], example[::-1]]]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_each_gets_its_own_result(real):
     images = _images()
     expected = [real.predict(image, "panoptic") for image in images]
