@@ -179,3 +179,26 @@ def test_list_images_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ImageReadError, match="no image files"):
         list_images([str(empty)])
+
+
+def test_bytes_decode_like_the_file(tmp_path):
+    path = tmp_path / "scene.png"
+    pixels = np.random.default_rng(0).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    assert np.array_equal(load_image(path.read_bytes()), pixels)
+    with pytest.raises(ImageReadError, match="not an image"):
+        load_image(b"plain text")
+    with pytest.raises(ImageReadError, match="truncated"):
+        load_image(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_max_pixels_refuses_from_the_header(tmp_path):
+    from mask2former.data.image_io import ImageTooLargeError
+
+    path = tmp_path / "wide.png"
+    Image.new("1", (4000, 3000)).save(path)  # small file, 12 M pixels
+    with pytest.raises(ImageTooLargeError, match="4000x3000 = 12000000 pixels is over the limit of 1000000"):
+        load_image(path.read_bytes(), max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(path, max_pixels=1_000_000)
+    assert load_image(path, max_pixels=12_000_000).shape == (3000, 4000, 3)

@@ -14,7 +14,7 @@ import os
 import sys
 
 # Listed explicitly (no registry): the order is the order of `mask2former --help`.
-SUBCOMMANDS = ["predict", "presets", "eval", "synth", "train", "convert", "export", "ops", "bench"]
+SUBCOMMANDS = ["predict", "presets", "eval", "synth", "train", "convert", "export", "ops", "bench", "serve"]
 
 
 class UserError(Exception):

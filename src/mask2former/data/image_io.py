@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import io
 import os
 import stat
 import warnings
@@ -32,11 +33,19 @@ class ImageReadError(ValueError):
     """An image could not be read; the message is one line that names the file."""
 
 
-def load_image(source: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+class ImageTooLargeError(ImageReadError):
+    """The image declares more pixels than allowed (a decompression bomb, or simply too big)."""
+
+
+def load_image(
+    source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int | None = None
+) -> np.ndarray:
     """Any supported image -> (H, W, 3) uint8 RGB, C-contiguous, EXIF orientation applied.
 
     Arrays: (H, W, 3) uint8 is returned as is; (H, W) or (H, W, 1) is gray; (H, W, 4) loses its alpha;
-    uint16 arrays are divided by 257. Anything else raises ImageReadError.
+    uint16 arrays are divided by 257. Bytes are an encoded file (PNG, JPEG, ...) held in memory.
+    Anything else raises ImageReadError. For files and bytes, `max_pixels` bounds width x height as
+    read from the header, before any pixel is decoded (ImageTooLargeError above it).
     """
     if isinstance(source, np.ndarray):
         if source.ndim >= 2:
@@ -47,9 +56,13 @@ def load_image(source: str | Path | Image.Image | np.ndarray) -> np.ndarray:
         check_image_size(name, *source.size)
         return _pil_to_rgb(source, name)
     if isinstance(source, str | Path):
-        return _read_file(Path(source))
+        path = Path(source)
+        check_readable_file(path)
+        return _decode(path, str(path), max_pixels)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _decode(io.BytesIO(source), "<uploaded bytes>", max_pixels)
     kind = type(source).__name__
-    raise ImageReadError(f"cannot read an image from a {kind}; pass a path, PIL image or array")
+    raise ImageReadError(f"cannot read an image from a {kind}; pass a path, bytes, PIL image or array")
 
 
 def check_readable_file(path: Path) -> None:
@@ -84,30 +97,36 @@ def check_image_size(name: str | Path, width: int, height: int) -> None:
     try:
         limits.IMAGE_PIXELS.check(width * height, f"{name} ({width}x{height})")
     except limits.LimitError as error:
-        raise ImageReadError(str(error)) from None
+        raise ImageTooLargeError(str(error)) from None
 
 
-def _read_file(path: Path) -> np.ndarray:
-    check_readable_file(path)
+def _decode(file: Path | io.BytesIO, name: str, max_pixels: int | None) -> np.ndarray:
+    """Decode a file or in-memory bytes; the pixel limits (`max_pixels`, the caller's own, and
+    limits.IMAGE_PIXELS) are checked from the header before any pixel is decoded."""
     try:
         # Our own limit is checked from the header; Pillow's bomb warning would only repeat it on stderr.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_image_size(path, *img.size)
+            with Image.open(file) as img:
+                if max_pixels is not None and img.width * img.height > max_pixels:
+                    raise ImageTooLargeError(
+                        f"{name}: image of {img.width}x{img.height} = {img.width * img.height} pixels is "
+                        f"over the limit of {max_pixels} pixels"
+                    )
+                check_image_size(name, *img.size)
                 # Image.open only parses the header; load() decodes every byte so truncation shows up here.
                 img.load()
-                return _pil_to_rgb(img, str(path))
+                return _pil_to_rgb(img, name)
     except ImageReadError:
         raise
     except PermissionError:
-        raise ImageReadError(f"{path}: permission denied") from None
+        raise ImageReadError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file (or a format PIL cannot read)") from None
+        raise ImageReadError(f"{name}: not an image file (or a format PIL cannot read)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: image too large to read safely ({_one_line(exc)})") from None
+        raise ImageTooLargeError(f"{name}: image too large to read safely ({_one_line(exc)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise _decode_error(path, exc) from None
+        raise _decode_error(name, exc) from None
 
 
 def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:

@@ -1,0 +1,69 @@
+"""Keep a long-running server's resident memory flat (glibc only; elsewhere nothing is changed).
+
+glibc raises its mmap threshold each time a large block is freed, after which big tensors come from the heap
+and their pages stay resident once freed; and each of the many request threads may get its own arena. Both
+make RSS creep with the number of requests served. A fixed threshold returns large blocks to the system
+when freed, and two arenas bound the fragmentation. The same as starting the process with
+MALLOC_MMAP_THRESHOLD_=262144 MALLOC_ARENA_MAX=2; values given in those variables are left alone.
+Freed small blocks still keep their pages until the heap is trimmed: `HeapTrimmer` does that now and then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+import time
+
+M_MMAP_THRESHOLD = -3  # mallopt parameters of glibc's malloc.h
+M_ARENA_MAX = -8
+MMAP_THRESHOLD_BYTES = 256 * 1024
+ARENA_MAX = 2
+
+
+def _libc_function(name: str):
+    """A function of the C library, or None where there is no such function (not glibc)."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_heap_growth() -> bool:
+    """Apply the two malloc settings; True when glibc accepted them."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:  # not glibc (musl, macOS): nothing to tune
+        return False
+    ok = True
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        ok &= mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        ok &= mallopt(M_ARENA_MAX, ARENA_MAX) == 1
+    return bool(ok)
+
+
+class HeapTrimmer:
+    """Calls glibc's malloc_trim(0) (gives free heap pages back to the system) at most every `interval_s`.
+
+    Thread-safe; `maybe_trim()` is cheap when it is not yet time. Does nothing without glibc.
+    """
+
+    def __init__(self, interval_s: float = 2.0):
+        self.interval_s = interval_s
+        self._malloc_trim = _libc_function("malloc_trim")
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+
+    def maybe_trim(self) -> None:
+        if self._malloc_trim is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                return
+            self._last = now
+        self._malloc_trim(0)
