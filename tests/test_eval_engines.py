@@ -325,7 +325,7 @@ class _FakePredictor:
     def __init__(self, scenes):
         self.scenes = scenes
 
-    def predict(self, image, task):
+    def predict(self, image, task, score_threshold=None):
         from mask2former.results import PanopticResult, PanopticSegment
 
         pred_map, pred_segments, _, _ = self.scenes[int(image[0, 0, 0])]

@@ -13,7 +13,7 @@ from serve_helpers import EXAMPLE, server_thread, wait_ready
 import mask2former
 from mask2former import rle
 from mask2former.cli import main
-from mask2former.formats import read_panoptic_png
+from mask2former.fileio import read_panoptic_png
 from mask2former.serve.app import ServeSettings, create_app
 from mask2former.serve.client import ServeClient
 from mask2former.serve.limits import ServeLimits
