@@ -224,6 +224,7 @@ def test_written_files_follow_the_umask(tmp_path):
     from mask2former.checkpoints.io import save_checkpoint
     from mask2former.config import get_preset
     from mask2former.modeling.build import build_model
+    from mask2former.outputs.inputs import InputImage
     from mask2former.training.plot import plot_loss_curve
     from mask2former.training.trainer import _atomic_torch_save
     from mask2former.writers import PredictionWriter
@@ -240,7 +241,9 @@ def test_written_files_follow_the_umask(tmp_path):
 
         predictor = mask2former.load()
         prediction = predictor.predict_batch([np.zeros((40, 40, 3), np.uint8)])[0]
-        PredictionWriter(tmp_path / "pred", predictor.config, "panoptic").write("a", "a.png", prediction)
+        (tmp_path / "pred").mkdir()
+        image = InputImage(index=0, path=tmp_path / "a.png", stem="a", file_name="a.png", image_id=1)
+        PredictionWriter(tmp_path / "pred", predictor.config, "panoptic").write(image, prediction)
     finally:
         os.umask(old)
     written = [

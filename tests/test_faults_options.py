@@ -43,7 +43,7 @@ def _fails(capsys, args: list[str], *fragments: str) -> str:
             ["--size 100000x100000", "MAX_INPUT_PIXELS"],
         ),
         (["bench", "--preset", "synth-tiny", "--size", "64x64", "--runs", "0"], ["--runs 0"]),
-        (["ops", "m.onnx", "--batch", "0"], ["--batch 0"]),
+        (["ops", "m.onnx", "--batch-size", "0"], ["--batch-size 0"]),
         (["ops", "m.onnx", "--size", "100000x100000"], ["--size 100000x100000"]),
         (["synth", "OUT/s", "--size", "0x0"], ["--size 0x0"]),
         (["synth", "OUT/s", "--n", "-1"], ["--n -1"]),
@@ -154,7 +154,7 @@ def test_image_over_the_pixel_limit_and_bomb_warning(tmp_path):
     # the documented way to lower (or raise) it
     example = hostile.SRC / "mask2former/assets/example.png"
     code, _, err = hostile.run_cli(
-        ["predict", example, "--out", tmp_path / "p"], env={"MASK2FORMER_MAX_IMAGE_PIXELS": "1000"}
+        ["predict", example, "--out", tmp_path / "p2"], env={"MASK2FORMER_MAX_IMAGE_PIXELS": "1000"}
     )
     assert code == 1
     hostile.assert_one_line_error(err, "over the limit of 1,000")

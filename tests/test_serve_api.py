@@ -86,17 +86,21 @@ def test_results_equal_predict(client, predicted, task):
         labels = np.asarray(Image.open(folder / "semantic" / "example.png"))
         assert np.array_equal(_png(client.predict(data, task=task, output="semantic_png")), labels)
         for index, segment in enumerate(segments):
-            assert np.array_equal(masks[index], labels == segment["category_id"])
+            assert np.array_equal(masks[index], labels == segment["class_id"])  # contiguous indices
 
 
 def test_raw_bytes_and_threshold(client):
     data = EXAMPLE.read_bytes()
-    multipart = client.predict(data, task="instance").json()["segments"]
-    raw = client.predict(data, multipart=False, content_type="application/octet-stream", task="instance")
+    multipart = client.predict(data, task="instance", threshold=0).json()["segments"]
+    raw = client.predict(
+        data, multipart=False, content_type="application/octet-stream", task="instance", threshold=0
+    )
     assert raw.status == 200 and raw.json()["segments"] == multipart
     kept = client.predict(data, multipart=False, task="instance", threshold=0.5).json()["segments"]
     assert 0 < len(kept) < len(multipart)
     assert kept == [s for s in multipart if s["score"] >= 0.5]
+    # without a threshold, as `mask2former predict`: instances below 0.5 dropped
+    assert client.predict(data, task="instance").json()["segments"] == kept
     picture = client.predict(data, task="panoptic", threshold=0.5, overlay="true").json()
     assert picture["overlay_png"].startswith("data:image/png;base64,")
 

@@ -13,19 +13,26 @@ import socket
 import sys
 from pathlib import Path
 
-from mask2former.cli import UserError
+from mask2former.cli import DEVICE_HELP, UserError, example
 from mask2former.cli.predict import add_scale_arguments
 
 INSTALL_HINT = 'the serve extra is not installed: pip install -e ".[serve]"'
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="HTTP service with a web page (POST /predict, GET /)")
+    parser = subparsers.add_parser(
+        "serve",
+        help="HTTP service with a web page (POST /predict, GET /)",
+        epilog=example(
+            "mask2former serve --port 8000   # then open http://127.0.0.1:8000/",
+            "curl -F image=@photo.jpg 'http://127.0.0.1:8000/predict?task=panoptic'",
+        ),
+    )
     parser.add_argument(
         "--weights", default=None, help="checkpoint in any supported format (default: bundled model)"
     )
     parser.add_argument("--preset", default=None, help="architecture preset where the checkpoint needs one")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     parser.add_argument(

@@ -228,7 +228,7 @@ def _read_train_config(path: Path):
 TRAIN_RANGES = {
     "max_iters": checks.AT_LEAST_1,
     "batch_size": checks.AT_LEAST_1,
-    "lr": checks.POSITIVE,
+    "lr": checks.NON_NEGATIVE,  # 0 is a legitimate check: carried-over weights stay as loaded
     "weight_decay": checks.NON_NEGATIVE,
     "backbone_multiplier": checks.NON_NEGATIVE,
     "clip_grad_norm": checks.POSITIVE,

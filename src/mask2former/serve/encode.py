@@ -161,8 +161,8 @@ def panoptic_png(result: PanopticResult) -> bytes:
 
 
 def semantic_png(result: SemanticResult, meta: DatasetMeta) -> bytes:
-    """Label PNG of dataset category ids (255 where unlabelled), uint16 when an id is over 255."""
+    """Label PNG of contiguous class indices 0..K-1, as `mask2former predict` writes them (255 where
+    unlabelled), uint16 when a class index is over 255."""
     class_map = np.asarray(result.class_map)
-    lookup = np.asarray(meta.category_ids, dtype=np.int64)
-    values = np.where(class_map >= 0, lookup[np.clip(class_map, 0, None)], meta.ignore_label)
+    values = np.where(class_map >= 0, class_map, meta.ignore_label)
     return png_bytes(values.astype(np.uint8 if values.max(initial=0) <= 255 else np.uint16))
