@@ -85,6 +85,7 @@ def test_closed_pipe_ends_quietly(command):
     assert done.returncode in (0, 141)
 
 
+@pytest.mark.slow
 def test_piped_into_head_prints_one_line_and_no_traceback():
     # Long output through a pipe whose reader stops after one line, as a shell user would run it.
     done = subprocess.run(

@@ -105,6 +105,7 @@ def test_onnxruntime_backend_writes_the_same_files(exported, task):
             assert json.loads(path.read_text()) == json.loads(ort_files[name].read_text()), name
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_instances_match(exported):
     root, out = exported
     torch_files = _predict(root, root / "ckpt", "torch", "instance")

@@ -173,6 +173,7 @@ def test_fp16_graph_is_half_and_close_to_fp32(half, model, config):
 
 
 @pytest.mark.skipif(not has_bundled_model(), reason="needs the trained bundled model")
+@pytest.mark.slow
 def test_fp16_panoptic_agreement_with_trained_model(tmp_path):
     model, config = load_model()
     sidecar = export_onnx(
