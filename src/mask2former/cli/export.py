@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="static int8 quantisation for ONNX Runtime (QDQ, per-channel weights), calibrated on --calibrate",
+        help="static int8 for ONNX Runtime (QDQ, per-channel weights), calibrated on --calibrate",
     )
     parser.add_argument("--calibrate", default=None, help="with --int8: folder of calibration images")
     parser.add_argument(
