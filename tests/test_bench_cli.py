@@ -21,6 +21,8 @@ TINY = [
     "0",
     "--threads",
     "1",
+    "--dtype",
+    "fp32",  # every dtype side by side: test_dtypes_side_by_side
 ]
 
 

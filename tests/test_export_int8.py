@@ -42,6 +42,7 @@ def int8_graph(scenes):
     return graph
 
 
+@pytest.mark.slow
 def test_int8_export_is_a_quantised_graph_with_a_parity_report(int8_graph):
     onnx = pytest.importorskip("onnx")
     sidecar = json.loads((int8_graph.parent / "int8.onnx.json").read_text())
@@ -95,7 +96,9 @@ def test_int8_flag_errors(tmp_path, capsys, extra, message):
     assert message in err and "\n" not in err
 
 
-def test_calibration_images_of_a_dataset_folder(scenes, tmp_path):
+def test_calibration_images_of_a_dataset_folder(tmp_path):
+    scenes = tmp_path / "scenes"
+    assert main(["synth", str(scenes / "calib"), "--n", "2", "--seed", "3"]) == 0
     assert [p.name for p in calibration_images(scenes / "calib", 2)] == ["000000.png", "000001.png"]
     with pytest.raises(ExportError, match="no images"):
         calibration_images(tmp_path)

@@ -52,6 +52,7 @@ def test_a_converted_model_runs_directly(dtype):
     assert torch.finfo(torch.float16).min < MASK_VALUE  # the attention mask is representable in fp16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HALF_DTYPES)
 def test_load_with_dtype_agrees_with_fp32_and_keeps_the_checkpoint(name):
     if not native(name):
@@ -105,6 +106,7 @@ def test_predict_and_eval_with_dtype(tmp_path, scenes, capsys, name):
     assert abs(fp32["PQ"] - half["PQ"]) <= 2.0, (fp32["PQ"], half["PQ"])
 
 
+@pytest.mark.slow
 def test_onnx_graph_refuses_another_dtype(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     graph = tmp_path / "model.onnx"
