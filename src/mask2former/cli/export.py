@@ -1,6 +1,7 @@
 """`mask2former export`: an ONNX graph plus its sidecar JSON, checked against the eager model.
 
-    mask2former export --format onnx --size 512x512 [--dynamic] [--fp16 | --int8 --calibrate DIR] [--opset 17] --out model.onnx
+    mask2former export --format onnx --size 512x512 [--dynamic] [--fp16 | --int8 --calibrate DIR]
+                       [--opset 17] --out model.onnx
 
 Weights: --weights (any supported checkpoint), else --preset with random weights, else the bundled model
 (a random synth-tiny before it is trained; said plainly).
