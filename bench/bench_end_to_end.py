@@ -1,8 +1,11 @@
 """R50 panoptic end to end (forward + panoptic post-processing) at 800x1088 on CPU: our fast path against our
 reference path and against Hugging Face transformers' eager Mask2Former.
 
-- fast: `optimize_for_inference` (FrozenBN folded), the corner-gather deformable attention, intermediate
-  masks at attention-mask size, official panoptic post-processing (`profiling.run_stages`).
+- fast: the module `mask2former predict` runs, the Predictor's private copy (`TorchRunner.inference_model()`:
+  FrozenBN folded, oneDNN layers), the corner-gather deformable attention, intermediate masks at
+  attention-mask size, official panoptic post-processing (`profiling.run_stages`).
+- fast bf16 (where the CPU has native bf16, unless --no-bf16): the same in bf16, as `predict --dtype bf16`
+  runs it; its agreement with fp32 is printed (pred_masks sign, argmax class of each query).
 - reference: the same weights unfolded, grid_sample deformable attention, every intermediate mask at
   full resolution (the decoder run with aux outputs, then dropped), same post-processing.
 - fast, reuse memory: the fast path with glibc keeping freed memory for reuse
@@ -34,7 +37,8 @@ import warnings
 import torch
 
 import mask2former
-from mask2former.inference.optimize import optimize_for_inference
+from mask2former.inference.precision import cpu_supports
+from mask2former.inference.predictor import TorchRunner
 from mask2former.modeling.kernels import use_kernels
 from mask2former.profiling import STAGES, allocator, run_stages
 
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-huggingface", action="store_true")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs")
     parser.add_argument("--no-reuse-memory", action="store_true", help="skip the 'fast, reuse memory' runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,9 +102,11 @@ def main() -> None:
     config = mask2former.get_preset(args.preset)
     model = mask2former.build(config, seed=0).requires_grad_(False)
     reference_model = copy.deepcopy(model).eval()
-    fast_model = optimize_for_inference(model)
+    fast_model = TorchRunner(model).inference_model()
+    bf16 = not args.no_bf16 and cpu_supports(torch.bfloat16)
+    bf16_model = TorchRunner(model, dtype="bf16").inference_model() if bf16 else None
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    stage_times: dict[str, dict[str, list[float]]] = {"fast": {}, "reference": {}}
+    stage_times: dict[str, dict[str, list[float]]] = {"fast": {}, "fast bf16": {}, "reference": {}}
 
     def timed_stages(path: str):
         @contextlib.contextmanager
@@ -127,8 +134,13 @@ def main() -> None:
         with allocator("reuse"):
             run_stages(fast_model, images, config, timed_stages("fast, reuse memory") if timed else _untimed)
 
+    def fast_bf16(timed: bool = True) -> None:
+        run_stages(bf16_model, images.bfloat16(), config, timed_stages("fast bf16") if timed else _untimed)
+
     stage_times["fast, reuse memory"] = {}
     contenders = {"fast": fast, "reference": reference}
+    if bf16:
+        contenders["fast bf16"] = fast_bf16
     if not args.no_reuse_memory:
         contenders["fast, reuse memory"] = fast_reusing_memory
     if not args.no_huggingface:
@@ -157,6 +169,12 @@ def main() -> None:
         print(
             f"max |fast - reference| {key}: {difference:.2e} (values up to {expected[key].abs().max():.1f})"
         )
+    if bf16:
+        with torch.inference_mode():
+            half = bf16_model(images.bfloat16(), return_aux=False)
+        sign = ((half["pred_masks"] > 0) == (got["pred_masks"] > 0)).float().mean().item()
+        argmax = (half["pred_logits"].argmax(-1) == got["pred_logits"].argmax(-1)).float().mean().item()
+        print(f"bf16 vs fp32: pred_masks same sign {sign:.4%}, argmax class per query same {argmax:.2%}")
     if "huggingface" in contenders:
         with torch.inference_mode():
             theirs = hf_model(pixel_values=images)
@@ -179,19 +197,22 @@ def main() -> None:
         f"\n{args.preset} (random weights), input 1x3x{height}x{width}, {args.threads} thread(s), "
         f"{args.runs} interleaved runs after 1 warm-up"
     )
-    print(f"{'':20s} {'min s':>7s} {'median s':>9s}   per-stage median s ({', '.join(STAGES)})")
+    print(f"{'':20s} {'min s':>7s} {'median s':>9s} {'max s':>7s}   per-stage median s ({', '.join(STAGES)})")
     for name, values in totals.items():
         stages = stage_times.get(name, {})
         per_stage = " ".join(f"{statistics.median(stages[s]):6.2f}" for s in STAGES) if stages else ""
-        print(f"{name:20s} {min(values):7.2f} {statistics.median(values):9.2f}   {per_stage}")
-    for name in ("reference", "huggingface"):
-        if name not in contenders:
-            continue
-        paired = [other / mine for other, mine in zip(totals[name], totals["fast"], strict=True)]
         print(
-            f"fast vs {name}: {min(totals[name]) / min(totals['fast']):.2f}x faster (min/min), "
-            f"{statistics.median(paired):.2f}x (median of paired runs)"
+            f"{name:20s} {min(values):7.2f} {statistics.median(values):9.2f} {max(values):7.2f}   {per_stage}"
         )
+    for mine in ("fast", "fast bf16"):
+        for name in ("reference", "huggingface"):
+            if name not in contenders or mine not in contenders:
+                continue
+            paired = [other / ours for other, ours in zip(totals[name], totals[mine], strict=True)]
+            print(
+                f"{mine} vs {name}: {min(totals[name]) / min(totals[mine]):.2f}x faster (min/min), "
+                f"{statistics.median(paired):.2f}x (median of paired runs)"
+            )
     if "fast, reuse memory" in totals:
         reuse, plain = totals["fast, reuse memory"], totals["fast"]
         print(

@@ -1,102 +1,95 @@
-"""Eager PyTorch vs ONNX Runtime latency of one forward pass, same threads, same input, one run.
+"""ONNX Runtime vs the eager path `mask2former predict` runs, same threads, same input, one process.
 
     OMP_NUM_THREADS=2 python bench/bench_onnx.py                       # R50 at 512x512 and 800x1088
-    python bench/bench_onnx.py --sizes 512x512 --repeats 5 --fp16
+    python bench/bench_onnx.py --preset synth-tiny --sizes 192x192 --int8 --calibrate runs/synth-tune
 
-Random weights (latency does not depend on them). Each size is exported as a fixed-size graph (the parity
-report against eager is printed on the way), then both backends run `--repeats` times, interleaved, after
-one warm-up; the median is reported with the ratio eager / onnxruntime (> 1: ONNX Runtime is faster).
-Eager runs the model exactly as `mask2former predict` does (inference mode, fp32).
+Random weights unless --weights (latency does not depend on them). Each size is exported as a fixed-size
+graph (the parity report against eager is printed on the way: fp32, and fp16 / int8 when asked); then every
+contender maps the same normalised padded batch to pred_logits / pred_masks, `--repeats` interleaved rounds
+after one warm-up, min / median / max in ms, and the median of per-round ratios against eager fp32:
+- eager fp32 (and bf16 with --bf16): the Predictor's runner, `TorchRunner` of `mask2former.load`, i.e. the
+  private optimised copy (FrozenBN folded, oneDNN layers, fast deformable attention) `predict` runs;
+- ort fp32 / fp16 / int8: `OnnxRunner`, what `predict --weights model.onnx` runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from timing import interleaved, paired_ratio, spread
 
-from mask2former.config import get_preset
+from mask2former.api import resolve_model
 from mask2former.export.onnx import export_onnx
 from mask2former.export.ops import load_graph, op_inventory
 from mask2former.export.runtime import OnnxRunner
-from mask2former.modeling.build import build_model
+from mask2former.inference.predictor import TorchRunner
 
 
-def median_seconds(runs: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each callable in `runs`, interleaved so that load from other processes on a
-    shared machine hits both backends alike."""
-    for run in runs.values():
-        run()  # warm-up: first-call allocations and lazy initialisation
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def bench_size(model, config, size, threads, repeats, fp16, folder: Path) -> dict:
-    out = folder / f"{config.name}-{size[0]}x{size[1]}.onnx"
-    start = time.perf_counter()
-    export_onnx(model, config, out, size, fp16=fp16, trained=False, threads=threads)
-    export_seconds = time.perf_counter() - start
-    macs = op_inventory(load_graph(out)).total_macs
+def bench_size(args, loaded, size, folder: Path) -> None:
+    model, config = loaded.model, loaded.config
     images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    runner = OnnxRunner(out, threads=threads)
+    runs = {"eager fp32": TorchRunner(model, dtype="fp32")}
+    if args.bf16:
+        runs["eager bf16"] = TorchRunner(model, dtype="bf16")
+    precisions = ["fp32"] + (["fp16"] if args.fp16 else []) + (["int8"] if args.int8 else [])
+    gmacs = None
+    for precision in precisions:
+        out = folder / f"{config.name}-{size[0]}x{size[1]}-{precision}.onnx"
+        calibration = None
+        if precision == "int8":
+            from mask2former.export.quantize import calibration_images
 
-    def eager():
-        with torch.inference_mode():
-            model(images, return_aux=False)
-
-    medians = median_seconds({"eager": eager, "ort": lambda: runner(images)}, repeats)
-    return {
-        "size": size,
-        "gmacs": macs / 1e9,
-        "export_s": export_seconds,
-        "eager_s": medians["eager"],
-        "ort_s": medians["ort"],
-    }
+            calibration = calibration_images(args.calibrate, args.calibration_images)
+        start = time.perf_counter()
+        export_onnx(
+            model,
+            config,
+            out,
+            size,
+            fp16=precision == "fp16",
+            trained=loaded.trained,
+            threads=args.threads,
+            int8_calibration=calibration,
+        )
+        print(f"exported {precision} {size[0]}x{size[1]} in {time.perf_counter() - start:.1f} s")
+        if precision == "fp32":
+            gmacs = op_inventory(load_graph(out)).total_macs / 1e9
+        runs[f"ort {precision}"] = OnnxRunner(out, threads=args.threads)
+    times = interleaved({name: (lambda run=run: run(images)) for name, run in runs.items()}, args.repeats)
+    print(f"\n{size[0]}x{size[1]}: {gmacs:.1f} GMAC, min / median / max ms over {args.repeats} rounds")
+    for name, values in times.items():
+        versus = paired_ratio(times["eager fp32"], values)
+        print(f"  {name:<12} {spread(values):>22}   eager fp32 / this: {versus:.2f}x")
+    if "ort int8" in times:
+        print(f"  ort fp32 / ort int8: {paired_ratio(times['ort fp32'], times['ort int8']):.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="coco-panoptic-r50")
+    parser.add_argument("--weights", default=None, help="checkpoint (default: random weights of --preset)")
     parser.add_argument("--sizes", nargs="+", default=["512x512", "800x1088"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fp16", action="store_true", help="time an fp16 graph against fp32 eager")
+    parser.add_argument("--bf16", action="store_true", help="also time eager bf16")
+    parser.add_argument("--fp16", action="store_true", help="also time an fp16 graph")
+    parser.add_argument("--int8", action="store_true", help="also time an int8 graph (needs --calibrate)")
+    parser.add_argument("--calibrate", help="calibration images for --int8")
+    parser.add_argument("--calibration-images", type=int, default=32)
     args = parser.parse_args()
-
+    if args.int8 and not args.calibrate:
+        parser.error("--int8 needs --calibrate DIR")
     torch.set_num_threads(args.threads)
-    config = get_preset(args.preset)
-    torch.manual_seed(0)
-    model = build_model(config).eval()
-    rows = []
+    loaded = resolve_model(args.weights, None if args.weights else args.preset)
+    print(f"{loaded.config.name} from {loaded.source}, {args.threads} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as folder:
         for text in args.sizes:
             height, width = (int(v) for v in text.lower().split("x"))
-            rows.append(
-                bench_size(
-                    model, config, (height, width), args.threads, args.repeats, args.fp16, Path(folder)
-                )
-            )
-    kind = "fp16 graph" if args.fp16 else "fp32 graph"
-    print(
-        f"\n{args.preset}, {args.threads} threads, median of {args.repeats}, {kind}, "
-        f"torch {torch.__version__}"
-    )
-    print(f"{'size':>10} {'GMAC':>8} {'export s':>9} {'eager ms':>9} {'ORT ms':>9} {'eager/ORT':>9}")
-    for row in rows:
-        size = f"{row['size'][0]}x{row['size'][1]}"
-        print(
-            f"{size:>10} {row['gmacs']:>8.1f} {row['export_s']:>9.1f} {row['eager_s'] * 1e3:>9.0f} "
-            f"{row['ort_s'] * 1e3:>9.0f} {row['eager_s'] / row['ort_s']:>9.2f}"
-        )
+            bench_size(args, loaded, (height, width), Path(folder))
 
 
 if __name__ == "__main__":

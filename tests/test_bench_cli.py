@@ -21,6 +21,8 @@ TINY = [
     "0",
     "--threads",
     "1",
+    "--dtype",
+    "fp32",  # every dtype side by side: test_dtypes_side_by_side
 ]
 
 
@@ -76,3 +78,24 @@ def test_one_line_errors(capsys, args, message):
     assert main(TINY + args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_dtypes_side_by_side(capsys):
+    import torch
+
+    from mask2former.inference.precision import cpu_supports
+
+    assert (
+        main(TINY + ["--json", "--dtype", "fp32,bf16"] if cpu_supports(torch.bfloat16) else TINY + ["--json"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    names = list(report["dtypes"])
+    assert names[0] == "fp32" and report["stages"] == report["dtypes"]["fp32"]["stages"]
+    for figures in report["dtypes"].values():
+        assert figures["matmul_peak_gflops"] > 0
+        assert list(figures["stages"]) == list(STAGES)
+        row = figures["total"]
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+    assert main(TINY + ["--dtype", "int4"]) == 2
+    assert "--dtype int4" in capsys.readouterr().err

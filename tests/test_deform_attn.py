@@ -18,6 +18,7 @@ from mask2former.modeling.deform_attn import (
     ms_deform_attn_gather,
     ms_deform_attn_reference,
 )
+from mask2former.modeling.kernels import use_kernels
 
 SHAPES = [(3, 5), (4, 2), (6, 7)]  # odd, non-square levels
 
@@ -227,12 +228,20 @@ def test_traced_graph_uses_grid_sample_and_keeps_sizes_dynamic():
 
 def test_dispatch_follows_export_state(monkeypatch):
     calls = []
-    monkeypatch.setattr(deform_attn, "ms_deform_attn_reference", lambda *args: calls.append("ref") or 0)
-    monkeypatch.setattr(deform_attn, "ms_deform_attn_gather", lambda *args: calls.append("gather") or 0)
-    monkeypatch.setattr(deform_attn_fast, "ms_deform_attn_fast", lambda *args: calls.append("fast") or 0)
+
+    def recorder(name):
+        return lambda *args: calls.append((name, args[0].dtype)) or torch.zeros(())
+
+    monkeypatch.setattr(deform_attn, "ms_deform_attn_reference", recorder("ref"))
+    monkeypatch.setattr(deform_attn, "ms_deform_attn_gather", recorder("gather"))
+    monkeypatch.setattr(deform_attn_fast, "ms_deform_attn_fast", recorder("fast"))
     value, locations, weights = random_inputs(SHAPES)
     deform_attn.ms_deform_attn(value, SHAPES, locations, weights)
-    deform_attn.ms_deform_attn(value.half(), SHAPES, locations.half(), weights.half())
+    # Half precision on CPU: the float32 fast kernel on up-cast inputs, unless the gather path is asked for.
+    assert deform_attn.ms_deform_attn(value.bfloat16(), SHAPES, locations, weights).dtype == torch.bfloat16
+    with use_kernels(deform_attn="gather"):
+        deform_attn.ms_deform_attn(value.half(), SHAPES, locations.half(), weights.half())
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     deform_attn.ms_deform_attn(value, SHAPES, locations, weights)
-    assert calls == ["fast", "gather", "ref"]
+    f32 = torch.float32
+    assert calls == [("fast", f32), ("fast", f32), ("gather", torch.float16), ("ref", f32)]

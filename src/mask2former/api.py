@@ -106,26 +106,37 @@ def load_model(
     return loaded.model, loaded.config
 
 
-def load(path: str | Path | None = None, preset: str | None = None, device: str = "auto"):
+def load(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    device: str = "auto",
+    dtype: str | torch.dtype | None = None,
+):
     """A Predictor for a checkpoint (any format, or an exported .onnx graph), a preset with random weights,
     or the bundled model when both are None (see `resolve_model`). `predictor.trained` says whether the
-    weights were trained; the predictor never changes `predictor.model`, which keeps the checkpoint's keys.
+    weights were trained; the predictor never changes `predictor.model`, which keeps the checkpoint's keys
+    and dtype.
 
     `device`: "auto" (CUDA when this torch sees a GPU, else CPU), "cpu", "cuda", "cuda:N" or "mps"; one the
     machine lacks raises ValueError("device cuda: CUDA is not available ..."). ONNX graphs run on the CPU.
+    `dtype` "fp32" (default), "bf16" or "fp16" is the precision inference runs in (`inference.precision`;
+    ValueError where the device would only emulate it). An .onnx graph has the precision it was exported
+    with: `dtype`, when given, must name it.
     """
     from mask2former.devices import resolve_device
+    from mask2former.inference.precision import resolve_dtype
     from mask2former.inference.predictor import Predictor, TorchRunner
 
     device = resolve_device(device)
-
+    resolved = None if dtype is None else resolve_dtype(dtype)
     if is_onnx(path):
         from mask2former.export.runtime import load_onnx_predictor
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"weights {path}: no such file")
-        return load_onnx_predictor(path)
+        return load_onnx_predictor(path, dtype=resolved)
     loaded = resolve_model(path, preset)
     if path is None and preset is None and not loaded.trained:
         warnings.warn(f"{loaded.source}: results are meaningless", stacklevel=2)
-    return Predictor(TorchRunner(loaded.model, device), loaded.config, loaded.source, loaded.trained)
+    runner = TorchRunner(loaded.model, device, dtype=resolved or torch.float32)
+    return Predictor(runner, loaded.config, loaded.source, loaded.trained)

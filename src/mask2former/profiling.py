@@ -2,8 +2,8 @@
 
 - `PeakMemory`: high-water mark of the resident set size during a block (Linux /proc), the one peak
   measure that sees PyTorch's CPU allocations.
-- `matmul_peak_gflops` / `onednn_matmul_peak_gflops`: the machine's measured fp32 matmul throughput, the
-  yardstick for achieved GFLOP/s.
+- `matmul_peak_gflops` / `onednn_matmul_peak_gflops`: the machine's measured matmul throughput in a dtype
+  (fp32, bf16, fp16), the yardstick for achieved GFLOP/s.
 - `allocator(mode)`: glibc malloc tuning for timing (reuse freed memory) or memory peaks (release it).
 - `run_stages`: one inference stage by stage (backbone, pixel decoder, transformer decoder,
   post-processing), each wrapped in a caller's context (a timer, a FLOP counter, a memory probe).
@@ -68,10 +68,10 @@ class PeakMemory:
         self.bytes = max(0, _status_kib("VmHWM:") * 1024 - self._start)
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 3) -> float:
-    """Best fp32 GFLOP/s of a (size x size) @ (size x size) torch.matmul with the current thread count."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+def matmul_peak_gflops(size: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of a (size x size) @ (size x size) torch.matmul in `dtype`, current thread count."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
     torch.matmul(a, b)  # warm-up (thread pool, MKL/oneDNN dispatch)
     best = float("inf")
     for _ in range(repeats):
@@ -81,13 +81,15 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def onednn_matmul_peak_gflops(size: int = 2048, repeats: int = 3) -> float | None:
-    """Best fp32 GFLOP/s of the same product through oneDNN on a prepacked weight (what OneDNNLinear runs);
+def onednn_matmul_peak_gflops(
+    size: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32
+) -> float | None:
+    """Best GFLOP/s of the same product through oneDNN on a prepacked weight (what OneDNNLinear runs);
     None without oneDNN."""
     if not onednn_available():
         return None
-    a = torch.randn(size, size)
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(size, size), None)
+    a = torch.randn(size, size).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(size, size).to(dtype), None)
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
         start = time.perf_counter()
@@ -155,5 +157,7 @@ def run_stages(
         with stage_context("transformer decoder"):
             outputs = head.predictor(multi_scale_features, mask_features, return_aux=full_resolution_masks)
         with stage_context("post-processing"):
+            # float32 outputs, as the Predictor's runner hands them over whatever the model's dtype
+            outputs = {key: outputs[key].float() for key in ("pred_logits", "pred_masks")}
             settings = PostprocessSettings.from_config(config, config.task)
             return [postprocess(outputs, index, config.task, settings) for index in range(images.shape[0])]

@@ -1,13 +1,16 @@
 """`mask2former bench`: latency, peak memory and achieved GFLOP/s of a preset, stage by stage.
 
 Stages: backbone, pixel decoder, transformer decoder, post-processing (the preset's task), on a random
-normalised batch of the given size. Three passes in one process:
-1. timing: --warmup untimed runs, then --runs timed ones (min and median per stage);
+normalised batch of the given size, run by the module `predict` runs: the Predictor's private optimised copy
+(`TorchRunner.inference_model()`) in each --dtype, side by side. Three passes in one process:
+1. timing: --warmup untimed runs, then --runs timed ones, the dtypes interleaved run by run (min, median and
+   max per stage);
 2. FLOPs: one run under torch.utils.flop_counter.FlopCounterMode (matmul, convolution and attention
    kernels; it has no formula for grid_sample, embedding_bag, index_select, norms, softmax or
    elementwise ops, so those stages' GFLOP/s are lower bounds);
 3. memory: one run with glibc returning freed blocks to the OS, each stage inside a VmHWM probe.
-GFLOP/s is set against the machine's fp32 matmul peak measured right before, with the same thread count.
+GFLOP/s is set against the machine's matmul peak in the same dtype measured right before, with the same
+thread count (FLOPs are counted once, in fp32: the same kernels do the same work in every dtype).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ def register(subparsers) -> None:
         help="time with glibc keeping freed memory for reuse (profiling.set_allocator('reuse')): "
         "no page faults for large tensors, resident memory stays at its peak",
     )
+    parser.add_argument(
+        "--dtype",
+        default="all",
+        help="comma-separated fp32,bf16,fp16 (default all: every dtype this device runs natively)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
 
@@ -65,13 +73,31 @@ def parse_size(text: str, divisor: int) -> tuple[int, int]:
     return height, width
 
 
-def load(args: argparse.Namespace):
-    """(model in eval mode, config) for --preset / --weights, optimised unless --reference.
+def dtypes_of(text: str, device: str = "cpu") -> list:
+    """--dtype: "all" or a comma-separated list -> torch dtypes (fp32 first), with one-line errors."""
+    import torch
 
-    The bench loads its own model, so it may optimise it in place (no copy to keep)."""
+    from mask2former.inference.precision import DTYPE_NAMES, check_supported, cpu_supports, resolve_dtype
+
+    if text == "all":
+        return [dtype for dtype in DTYPE_NAMES.values() if cpu_supports(dtype)]
+    try:
+        chosen = [resolve_dtype(part.strip()) for part in text.split(",") if part.strip()]
+        for dtype in chosen:
+            check_supported(dtype, device)
+    except ValueError as error:
+        raise UserError(f"--dtype {text}: {str(error).split(': ', 1)[-1]}") from None
+    if not chosen:
+        raise UserError(f"--dtype {text}: expected fp32, bf16 and/or fp16")
+    return sorted(set(chosen), key=lambda dtype: dtype != torch.float32)
+
+
+def load(args: argparse.Namespace, dtypes: list) -> tuple[dict, object]:
+    """({dtype: the module `predict` runs in that dtype}, config) for --preset / --weights: the Predictor's
+    private copy (`TorchRunner.inference_model()`), optimised unless --reference."""
     from mask2former.api import resolve_model
     from mask2former.checkpoints.io import CheckpointError
-    from mask2former.inference.optimize import optimize_for_inference
+    from mask2former.inference.predictor import TorchRunner
 
     try:
         loaded = resolve_model(args.weights, args.preset)
@@ -80,7 +106,11 @@ def load(args: argparse.Namespace):
     # No parameter needs a gradient here, and FlopCounterMode's module tracker fails under inference mode
     # on parameters that require one.
     model = loaded.model.requires_grad_(False)
-    return (model.eval() if args.reference else optimize_for_inference(model)), loaded.config
+    models = {
+        dtype: TorchRunner(model, optimize=not args.reference, dtype=dtype).inference_model()
+        for dtype in dtypes
+    }
+    return models, loaded.config
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -89,6 +119,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mask2former.inference.precision import dtype_name
     from mask2former.modeling.kernels import use_kernels
     from mask2former.profiling import (
         STAGES,
@@ -110,24 +141,33 @@ def measure(args: argparse.Namespace) -> dict:
         if args.threads < 1 or args.threads > 1024:
             raise UserError(f"--threads {args.threads}: must be between 1 and 1024")
         torch.set_num_threads(args.threads)
-    model, config = load(args)
+    # The reference path is the float32 ground truth (its grid_sample and training-time decoder are fp32).
+    dtypes = dtypes_of("fp32" if args.reference and args.dtype == "all" else args.dtype)
+    if args.reference and dtypes != [torch.float32]:
+        raise UserError(f"--dtype {args.dtype}: --reference runs fp32 only")
+    models, config = load(args, dtypes)
     height, width = parse_size(args.size, config.input.size_divisibility or 1)
     check_input_size("--size", (height * args.batch_size, width))
     images = torch.randn(args.batch_size, 3, height, width, generator=torch.Generator().manual_seed(0))
     path = use_kernels(deform_attn="reference") if args.reference else contextlib.nullcontext()
 
-    def once(stage_context=lambda name: contextlib.nullcontext()) -> None:
-        run_stages(model, images, config, stage_context, full_resolution_masks=args.reference)
+    def once(dtype, stage_context=lambda name: contextlib.nullcontext()) -> None:
+        run_stages(
+            models[dtype], images.to(dtype), config, stage_context, full_resolution_masks=args.reference
+        )
 
-    peak_gflops = matmul_peak_gflops()
-    onednn_peak_gflops = onednn_matmul_peak_gflops()
-    times: dict[str, list[float]] = {name: [] for name in STAGES}
+    peaks = {dtype: matmul_peak_gflops(dtype=dtype) for dtype in dtypes}
+    onednn_peaks = {dtype: onednn_matmul_peak_gflops(dtype=dtype) for dtype in dtypes}
+    times = {dtype: {name: [] for name in STAGES} for dtype in dtypes}
 
-    @contextlib.contextmanager
-    def timed(name: str):
-        start = time.perf_counter()
-        yield
-        times[name].append(time.perf_counter() - start)
+    def timed(dtype):
+        @contextlib.contextmanager
+        def context(name: str):
+            start = time.perf_counter()
+            yield
+            times[dtype][name].append(time.perf_counter() - start)
+
+        return context
 
     flops: dict[str, int] = {}
 
@@ -137,36 +177,46 @@ def measure(args: argparse.Namespace) -> dict:
             yield
         flops[name] = counter.get_total_flops()
 
-    memory: dict[str, int] = {}
+    memory: dict = {dtype: {} for dtype in dtypes}
 
-    @contextlib.contextmanager
-    def probed(name: str):
-        with PeakMemory() as peak:
-            yield
-        memory[name] = peak.bytes
+    def probed(dtype):
+        @contextlib.contextmanager
+        def context(name: str):
+            with PeakMemory() as peak:
+                yield
+            memory[dtype][name] = peak.bytes
+
+        return context
 
     timing_allocator = allocator("reuse") if args.reuse_memory else contextlib.nullcontext()
+    whole = {}
     with path:
         with timing_allocator:
             for _ in range(args.warmup):
-                once()
+                for dtype in dtypes:
+                    once(dtype)
             for _ in range(args.runs):
-                once(timed)
+                for dtype in dtypes:
+                    once(dtype, timed(dtype))
         with use_kernels(onednn=False):  # FlopCounterMode has no formulas for oneDNN's kernels
-            once(counted)
-        with allocator("release") as freed, PeakMemory() as whole:
-            once(probed)
-    totals = [sum(run) for run in zip(*times.values(), strict=True)]
-    stages = {}
-    for name in STAGES:
-        median = statistics.median(times[name])
-        stages[name] = {
-            "min_ms": min(times[name]) * 1e3,
-            "median_ms": median * 1e3,
-            "peak_mb": memory[name] / 2**20,
-            "gflop": flops[name] / 1e9,
-            "gflops_per_s": flops[name] / 1e9 / median,
+            once(dtypes[0], counted)
+        for dtype in dtypes:
+            with allocator("release") as freed, PeakMemory() as peak:
+                once(dtype, probed(dtype))
+            whole[dtype] = (peak, freed)
+    reports = {}
+    for dtype in dtypes:
+        totals = [sum(run) for run in zip(*times[dtype].values(), strict=True)]
+        stages = {name: _row(times[dtype][name], flops[name], memory[dtype][name]) for name in STAGES}
+        peak, freed = whole[dtype]
+        reports[dtype_name(dtype)] = {
+            "matmul_peak_gflops": peaks[dtype],
+            "onednn_matmul_peak_gflops": onednn_peaks[dtype],
+            "stages": stages,
+            "total": _row(totals, sum(flops.values()), peak.bytes),
+            "memory_exact": freed and peak.available,
         }
+    first = reports[dtype_name(dtypes[0])]
     return {
         "preset": args.preset,
         "weights": args.weights or "random",
@@ -176,53 +226,60 @@ def measure(args: argparse.Namespace) -> dict:
         "runs": args.runs,
         "reuse_memory": args.reuse_memory,
         "warmup": args.warmup,
-        "matmul_peak_gflops": peak_gflops,
-        "onednn_matmul_peak_gflops": onednn_peak_gflops,
-        "stages": stages,
-        "total": {
-            "min_ms": min(totals) * 1e3,
-            "median_ms": statistics.median(totals) * 1e3,
-            "peak_mb": whole.bytes / 2**20,
-            "gflop": sum(flops.values()) / 1e9,
-            "gflops_per_s": sum(flops.values()) / 1e9 / statistics.median(totals),
-        },
-        "memory_exact": freed and whole.available,
+        **first,  # the first dtype's figures at the top level, as before --dtype
+        "dtypes": reports,
+    }
+
+
+def _row(seconds: list[float], flop: int, peak_bytes: int) -> dict:
+
+    median = statistics.median(seconds)
+    return {
+        "min_ms": min(seconds) * 1e3,
+        "median_ms": median * 1e3,
+        "max_ms": max(seconds) * 1e3,
+        "peak_mb": peak_bytes / 2**20,
+        "gflop": flop / 1e9,
+        "gflops_per_s": flop / 1e9 / median,
     }
 
 
 def print_table(report: dict) -> None:
     batch, _, height, width = report["input"]
+    dtypes = report["dtypes"]
     print(
-        f"mask2former bench: {report['preset']} ({report['weights']} weights), {report['path']} path, "
-        f"input {batch}x3x{height}x{width}, {report['threads']} thread(s), "
-        f"{report['runs']} runs after {report['warmup']} warm-up"
+        f"mask2former bench: {report['preset']} ({report['weights']} weights), {report['path']} path "
+        f"(the Predictor's inference copy), input {batch}x3x{height}x{width}, {report['threads']} thread(s), "
+        f"{report['runs']} runs after {report['warmup']} warm-up, dtypes interleaved"
         + (", glibc reusing freed memory" if report["reuse_memory"] else "")
     )
-    peak = report["matmul_peak_gflops"]
-    onednn = report["onednn_matmul_peak_gflops"]
-    also = f"; oneDNN on a prepacked weight: {onednn:.1f}" if onednn else ""
-    print(f"fp32 matmul peak of this machine: torch.matmul {peak:.1f} GFLOP/s{also} (2048x2048 @ 2048x2048)")
-    print("% peak is against torch.matmul's\n")
-    header = ("min ms", "median ms", "peak MB", "GFLOP", "GFLOP/s", "% peak")
-    print(f"{'stage':<20} " + " ".join(f"{h:>{w}}" for h, w in zip(header, (9, 10, 8, 8, 8, 7), strict=True)))
-    rows = list(report["stages"].items()) + [("total", report["total"])]
-    for name, row in rows:
-        print(
-            f"{name:<20} {row['min_ms']:9.1f} {row['median_ms']:10.1f} {row['peak_mb']:8.1f} "
-            f"{row['gflop']:8.2f} {row['gflops_per_s']:8.1f} {100 * row['gflops_per_s'] / peak:7.1f}"
-        )
+    for name, figures in dtypes.items():
+        onednn = figures["onednn_matmul_peak_gflops"]
+        also = f"; oneDNN on a prepacked weight {onednn:.1f}" if onednn else ""
+        print(f"{name} matmul peak: torch.matmul {figures['matmul_peak_gflops']:.1f} GFLOP/s{also} (2048^3)")
+    print("% peak is against torch.matmul's in the same dtype; ms as min / median / max\n")
+    header = f"{'stage':<20} {'GFLOP':>7}"
+    for name in dtypes:
+        header += f" | {name + ' ms':>20} {'GFLOP/s':>8} {'% peak':>6} {'MB':>6}"
+    print(header)
+    for stage in list(report["stages"]) + ["total"]:
+        first = report["total"] if stage == "total" else report["stages"][stage]
+        line = f"{stage:<20} {first['gflop']:7.2f}"
+        for figures in dtypes.values():
+            row = figures["total"] if stage == "total" else figures["stages"][stage]
+            spread = f"{row['min_ms']:.1f}/{row['median_ms']:.1f}/{row['max_ms']:.1f}"
+            percent = 100 * row["gflops_per_s"] / figures["matmul_peak_gflops"]
+            line += f" | {spread:>20} {row['gflops_per_s']:8.1f} {percent:6.1f} {row['peak_mb']:6.0f}"
+        print(line)
     print(
         "\nGFLOP: matmul/convolution/attention kernels as counted by torch.utils.flop_counter "
         "(2 per multiply-add);\ngrid_sample, embedding_bag and index gathers, norms, softmax and "
         "elementwise ops are not counted,\nso GFLOP/s is a lower bound where a stage has them "
         "(deformable attention in the pixel decoder)."
     )
-    how = (
-        "glibc returning freed blocks"
-        if report["memory_exact"]
-        else "glibc may keep freed blocks: approximate"
-    )
-    print(f"peak MB: resident-set high-water mark added during the stage (VmHWM; {how}).")
+    exact = all(figures["memory_exact"] for figures in dtypes.values())
+    how = "glibc returning freed blocks" if exact else "glibc may keep freed blocks: approximate"
+    print(f"MB: resident-set high-water mark added during the stage (VmHWM; {how}).")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mask2former.cli import DEVICE_HELP, UserError, example
-from mask2former.cli.predict import add_scale_arguments, apply_scale_arguments
+from mask2former.cli.predict import add_dtype_argument, add_scale_arguments, apply_scale_arguments
 
 _FILE_ARGUMENTS = {
     "panoptic": ("pred_json", "pred_dir", "gt_json", "gt_dir"),
@@ -68,6 +68,7 @@ def register(subparsers) -> None:
     model.add_argument("--preset", help="architecture preset for --weights")
     model.add_argument("--device", default="auto", help=DEVICE_HELP)
     model.add_argument("--limit", type=int, help="evaluate the first N images only")
+    add_dtype_argument(model)
     add_scale_arguments(model)
     parser.add_argument("--out", help="folder for metrics.json (created if missing)")
     parser.add_argument("--per-class", action="store_true", help="also print the per-class table")
@@ -194,7 +195,7 @@ def _evaluate_model(args: argparse.Namespace) -> dict | None:
         dataset = open_evaluation_dataset(args.data, args.task)
     except ValueError as error:
         raise flag_error(error, ("data",)) from None
-    predictor = make_predictor(args.weights, args.preset, device)
+    predictor = make_predictor(args.weights, args.preset, device, dtype=args.dtype)
     apply_scale_arguments(predictor, args.short_edge, args.max_size)
     try:
         return evaluate_model(

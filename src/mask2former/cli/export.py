@@ -1,6 +1,7 @@
 """`mask2former export`: an ONNX graph plus its sidecar JSON, checked against the eager model.
 
-    mask2former export --format onnx --size 512x512 [--dynamic] [--fp16] [--opset 17] --out model.onnx
+    mask2former export --format onnx --size 512x512 [--dynamic] [--fp16 | --int8 --calibrate DIR]
+                       [--opset 17] --out model.onnx
 
 Weights: --weights (any supported checkpoint), else --preset with random weights, else the bundled model
 (a random synth-tiny before it is trained; said plainly).
@@ -38,6 +39,18 @@ def register(subparsers) -> None:
         "--fp16",
         action="store_true",
         help="half precision (the pixel decoder stays float32, as the official AMP)",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="static int8 for ONNX Runtime (QDQ, per-channel weights), calibrated on --calibrate",
+    )
+    parser.add_argument("--calibrate", default=None, help="with --int8: folder of calibration images")
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=32,
+        help="with --int8: how many images of --calibrate to use (default 32, sorted by name)",
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
     parser.add_argument("--out", required=True, help="output .onnx file (the sidecar is OUT.json)")
@@ -85,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             check_options((32, 32), args.opset)
     except ExportError as error:
         raise flag_error(error) from None
+    calibration = _calibration(args)
     if args.image is not None and not Path(args.image).is_file():
         raise UserError(f"--image {args.image}: no such file")
     model, config, trained, source = load_for_export(args.weights, args.preset)
@@ -95,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     from mask2former.export.onnx import export_onnx
     from mask2former.export.runtime import sidecar_path
 
-    kind = f"{'dynamic' if args.dynamic else 'fixed'} {size[0]}x{size[1]} {'fp16' if args.fp16 else 'fp32'}"
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    kind = f"{'dynamic' if args.dynamic else 'fixed'} {size[0]}x{size[1]} {precision}"
     print(f"exporting {config.name} from {source} to ONNX ({kind}, opset {args.opset})")
     if not trained:
         print("note: RANDOMLY INITIALISED weights: the graph is correct but its predictions are meaningless")
@@ -112,12 +127,34 @@ def run(args: argparse.Namespace) -> int:
             source=source,
             image=args.image,
             threads=args.threads,
+            int8_calibration=calibration,
         )
     except ExportError as error:
-        raise flag_error(error) from None
+        raise flag_error(error, ("weights", "preset", "size", "opset", "out", "calibrate")) from None
     counts = sidecar["op_counts"]
     print(
         f"wrote {args.out} ({sum(counts.values())} nodes, {counts.get('GridSample', 0)} GridSample) "
         f"and {sidecar_path(args.out)}"
     )
     return 0
+
+
+def _calibration(args: argparse.Namespace):
+    """The calibration image paths of --int8 --calibrate DIR (None without --int8), one-line errors."""
+    from mask2former.export.quantize import calibration_images
+    from mask2former.export.runtime import ExportError
+
+    if not args.int8:
+        if args.calibrate is not None:
+            raise UserError("--calibrate is for --int8 exports")
+        return None
+    if args.fp16:
+        raise UserError("--int8 and --fp16: choose one precision")
+    if args.calibrate is None:
+        raise UserError("--int8 needs --calibrate DIR (images like the ones the graph will see)")
+    if args.calibration_images < 1:
+        raise UserError(f"--calibration-images {args.calibration_images}: must be at least 1")
+    try:
+        return calibration_images(args.calibrate, args.calibration_images)
+    except ExportError as error:
+        raise flag_error(error, ("calibrate",)) from None

@@ -87,7 +87,19 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_scale_arguments(parser)
+    add_dtype_argument(parser)
     parser.set_defaults(func=run)
+
+
+def add_dtype_argument(parser) -> None:
+    """--dtype: the precision inference runs in (`mask2former.inference.precision`)."""
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="inference precision (default fp32; bf16/fp16 where the CPU or GPU has them natively; "
+        "an .onnx graph keeps the precision it was exported with)",
+    )
 
 
 def add_scale_arguments(parser) -> None:
@@ -118,8 +130,15 @@ def apply_scale_arguments(predictor, short_edge: int | None, max_size: int | Non
         raise UserError(f"--short-edge/--max-size: {error}") from None
 
 
-def make_predictor(weights: str | None, preset: str | None, device: str = "auto", backend: str | None = None):
-    """The Predictor for --weights/--preset/--device/--backend (`mask2former.load`), with one-line errors."""
+def make_predictor(
+    weights: str | None,
+    preset: str | None,
+    device: str = "auto",
+    backend: str | None = None,
+    dtype: str | None = None,
+):
+    """The Predictor for --weights/--preset/--device/--backend/--dtype (`mask2former.load`), with one-line
+    errors."""
     import warnings
 
     import mask2former
@@ -134,9 +153,9 @@ def make_predictor(weights: str | None, preset: str | None, device: str = "auto"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return mask2former.load(weights, preset=preset, device=device)
+            return mask2former.load(weights, preset=preset, device=device, dtype=dtype)
     except (ValueError, FileNotFoundError) as error:
-        raise flag_error(error) from None
+        raise flag_error(error, ("weights", "preset", "dtype", "device")) from None
 
 
 def describe(predictor) -> str:
@@ -200,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     from mask2former.cli import resolve_device_flag
 
     args.device = resolve_device_flag(args.device)  # "auto" -> the device itself, for torchrun's backend too
-    predictor = make_predictor(args.weights, args.preset, args.device, args.backend)
+    predictor = make_predictor(args.weights, args.preset, args.device, args.backend, args.dtype)
     apply_scale_arguments(predictor, args.short_edge, args.max_size)
     task = args.task or predictor.config.task
     try:

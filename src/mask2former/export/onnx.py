@@ -51,6 +51,8 @@ MAX_OPSET = 20  # the TorchScript exporter's limit
 FP32_FAIL_TOLERANCE = 1e-3
 # fp16 rounding moves mask logits near 0 across it; a wrong graph moves a large share of them.
 FP16_MIN_MASK_AGREEMENT = 0.95
+# int8 rounds much more coarsely; below this the calibration did not cover the inputs' ranges.
+INT8_MIN_MASK_AGREEMENT = 0.85
 
 
 class _GraphInterface(nn.Module):
@@ -194,8 +196,12 @@ def export_onnx(
     image: np.ndarray | str | Path | None = None,
     threads: int = 2,
     log=print,
+    int8_calibration: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Export `model` (eager, fp32) to `out` (.onnx) and its sidecar `out`.json; returns the sidecar dict.
+
+    `int8_calibration` (image paths): statically quantise the float32 graph to int8 (QDQ, calibrated on
+    those images; `export.quantize`) before the parity check; the sidecar's dtype is then "int8".
 
     The graph is written to a temporary file, checked, compared with eager on `image` (default: the
     package's example photo) and only then renamed into place, so a failed export leaves nothing behind.
@@ -214,28 +220,46 @@ def export_onnx(
     try:
         tracer_warnings = trace_to_onnx(prepare_model(model, fp16), tmp, size, dynamic, fp16, opset)
         counts = check_graph(tmp)
+        quantisation = None
+        if int8_calibration is not None:
+            from mask2former.export.quantize import quantize_static_int8
+
+            quantised = out.with_name(out.name + ".int8.tmp")
+            try:
+                used = graph_config(config, size, dynamic)
+                quantisation = quantize_static_int8(tmp, quantised, used, int8_calibration)
+                quantised.replace(tmp)
+            finally:
+                quantised.unlink(missing_ok=True)
+            counts = check_graph(tmp)
         runner = OnnxRunner(tmp, threads=threads)
         reports = _parity(eager, runner, config, size, dynamic, image)
         for report in reports:
             log(f"parity vs eager fp32: {format_report(report)}")
-        _fail_on_disagreement(reports, fp16, tracer_warnings)
+        _fail_on_disagreement(
+            reports, "int8" if quantisation else "fp16" if fp16 else "fp32", tracer_warnings
+        )
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
     sidecar = _sidecar(config, size, dynamic, fp16, opset, trained, source, reports, counts, tracer_warnings)
+    if quantisation is not None:
+        sidecar["dtype"] = "int8"
+        sidecar["quantization"] = quantisation
     write_json(sidecar_path(out), sidecar, indent=2)
     return json.loads(json.dumps(sidecar))  # as a reader of the file sees it (tuples become lists)
 
 
-def _fail_on_disagreement(reports: list[dict], fp16: bool, tracer_warnings: list[str]) -> None:
-    """Raise when the graph computes something else than eager, beyond what its dtype explains."""
+def _fail_on_disagreement(reports: list[dict], precision: str, tracer_warnings: list[str]) -> None:
+    """Raise when the graph computes something else than eager, beyond what its precision explains."""
     hint = "a shape was likely baked as a constant" + (f" ({tracer_warnings[0]})" if tracer_warnings else "")
-    if fp16:
+    if precision in ("fp16", "int8"):
+        least = FP16_MIN_MASK_AGREEMENT if precision == "fp16" else INT8_MIN_MASK_AGREEMENT
         worst = min(r["mask_sign_agreement"] for r in reports)
-        if worst < FP16_MIN_MASK_AGREEMENT:
+        if worst < least:
             raise ExportError(
-                f"exported fp16 graph disagrees with eager fp32: only {worst:.1%} of mask logits have the "
-                f"same sign; {hint}"
+                f"exported {precision} graph disagrees with eager fp32: only {worst:.1%} of mask logits have "
+                f"the same sign; " + (hint if precision == "fp16" else "calibrate on images like the inputs")
             )
         return
     worst = max(r["max_abs_logits"] for r in reports)

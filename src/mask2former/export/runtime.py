@@ -133,10 +133,11 @@ class OnnxRunner:
                 )
 
 
-def load_onnx_predictor(path: str | Path, threads: int = DEFAULT_THREADS):
+def load_onnx_predictor(path: str | Path, threads: int = DEFAULT_THREADS, dtype: torch.dtype | None = None):
     """A `Predictor` running `path` (an exported .onnx) in ONNX Runtime with its sidecar's config.
 
     The pre- and post-processing are the eager Predictor's own, so both backends write the same files.
+    A graph's precision is fixed at export: `dtype`, when given, must be the one its sidecar records.
     """
     from mask2former.inference.predictor import Predictor
 
@@ -144,6 +145,12 @@ def load_onnx_predictor(path: str | Path, threads: int = DEFAULT_THREADS):
     if not path.is_file():
         raise ExportError(f"{path}: no such ONNX file")
     sidecar = read_sidecar(path)
+    graph_dtype = str(sidecar.get("dtype", "float32"))
+    if dtype is not None and graph_dtype != str(dtype).removeprefix("torch."):
+        raise ExportError(
+            f"dtype {str(dtype).removeprefix('torch.')}: {path} is a {graph_dtype} graph; its precision is "
+            "chosen at export (export --fp16 / --int8)"
+        )
     try:
         config = ModelConfig.from_dict(sidecar["config"])
     except (TypeError, ValueError) as error:

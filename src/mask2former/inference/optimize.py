@@ -28,11 +28,12 @@ def optimize_for_inference(model: nn.Module, onednn: bool = True) -> nn.Module:
 
     - FrozenBatchNorm2d is folded into its convolution (conv(x) * scale + shift == conv'(x)).
     - `onednn` (when PyTorch has oneDNN): nn.Linear and nn.Conv2d modules become `OneDNNLinear` /
-      `OneDNNConv2d`, same parameters and state_dict keys, whose no-grad CPU float32 forward runs oneDNN on
-      a prepacked weight. oneDNN uses AVX-512 wherever the CPU has it (MKL's sgemm, behind F.linear, keeps
-      AVX2 on AMD CPUs) and its convolutions return channels-last maps, which the next convolution reads
-      without a layout reorder: on the AVX-512 AMD EPYC of the benchmarks, linear layers ~1.7x, 1x1
-      convolutions ~2x. With gradients, on other devices and while tracing they are plain nn.Linear/Conv2d.
+      `OneDNNConv2d`, same parameters and state_dict keys, whose no-grad CPU forward (float32, or bf16/fp16
+      weights with inputs of the same dtype) runs oneDNN on a prepacked weight. oneDNN uses AVX-512 wherever
+      the CPU has it (MKL's sgemm, behind F.linear, keeps AVX2 on AMD CPUs) and its convolutions return
+      channels-last maps, which the next convolution reads without a layout reorder: on the AVX-512 AMD EPYC
+      of the benchmarks, linear layers ~1.7x, 1x1 convolutions ~2x. With gradients, on other devices and
+      while tracing they are plain nn.Linear/Conv2d.
 
     Folding is irreversible (the norm modules go away) and the state_dict loses the norm keys: optimise a
     copy you own, never a model that will be saved, exported or trained again.
@@ -63,13 +64,19 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and all(hasattr(ops, name) for name in names)
 
 
+# oneDNN has prepacked linear and convolution kernels in these (bf16/fp16 where the CPU has native support,
+# which `inference.precision` checks before a model is converted).
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN's prepacked kernels have no backward and no export: inference on CPU float32 only."""
+    """oneDNN's prepacked kernels have no backward and no export: inference on CPU, input and weight in the
+    same float32 / bfloat16 / float16 dtype."""
     return (
         current_kernels().onednn
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and x.dtype == weight.dtype
+        and x.dtype in _ONEDNN_DTYPES
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()

@@ -35,21 +35,38 @@ class TorchRunner:
     saved, converted, exported or fine-tuned). Inference runs on a private copy on `device`, rewritten by
     `optimize_for_inference` when `optimize` (FrozenBN folded, oneDNN layers); the copy is made on first use
     and again whenever the model's tensors changed (reloaded, moved or trained in place). With
-    `optimize=False` on the model's own device, the model itself runs (no copy).
+    `optimize=False` on the model's own device and dtype, the model itself runs (no copy).
+
+    `dtype` ("fp32", "bf16", "fp16" or a torch.dtype; None: the model's own) is the precision of that copy:
+    its weights are converted after the float32 FrozenBN folding, its inputs are cast to it, its outputs
+    come back as float32 for the post-processing (see `inference.precision`, which also refuses a dtype the
+    device would only emulate). The caller's model keeps its dtype.
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", optimize: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        optimize: bool = True,
+        dtype: str | torch.dtype | None = None,
+    ):
+        from mask2former.inference.precision import check_supported, resolve_dtype
+
         self.model = model
         self.device = torch.device(device)
         self.optimize = optimize
+        first = next(model.parameters(), None)
+        own = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        self.dtype = resolve_dtype(dtype, default=own)
+        check_supported(self.dtype, self.device)
         self._copy: torch.nn.Module | None = None
         self._copy_key: tuple | None = None
 
     def inference_model(self) -> torch.nn.Module:
         """The module inference runs: the caller's model, or the private (optimised) copy of it."""
         first = next(self.model.parameters(), None)
-        on_device = first is None or first.device == self.device
-        if not self.optimize and on_device:
+        as_is = first is None or (first.device == self.device and first.dtype == self.dtype)
+        if not self.optimize and as_is:
             return self.model
         key = _tensor_key(self.model)
         if self._copy is None or self._copy_key != key:
@@ -61,7 +78,9 @@ class TorchRunner:
                 if self.optimize:
                     from mask2former.inference.optimize import optimize_for_inference
 
-                    private = optimize_for_inference(private)
+                    # Fold in float32 (a half model's scale * weight would round twice), then convert.
+                    private = optimize_for_inference(private.float())
+                private = private.to(self.dtype)
             self._copy, self._copy_key = private, key
         return self._copy
 
@@ -71,7 +90,7 @@ class TorchRunner:
             return self._run(model, images)
 
     def _run(self, model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        images = images.to(self.device, dtype=next(model.parameters()).dtype)
+        images = images.to(self.device, dtype=self.dtype)
         if model.training:  # the caller's own model in training mode: evaluate it without changing its mode
             model.eval()
             try:

@@ -5,8 +5,9 @@
         outputs = model(images)       # grid_sample reference, plain F.linear / F.conv2d
 
 `deform_attn`:
-- "auto" (default): the fast corner-gather path with an analytic backward in eager CPU float32/float64,
-  the gather forward (`ms_deform_attn_gather`, autograd backward) for other dtypes and devices, and the
+- "auto" (default): the fast corner-gather path with an analytic backward in eager CPU float32/float64 (and
+  for CPU bf16/fp16, on inputs up-cast to float32: faster than half-precision gathers), the gather forward
+  (`ms_deform_attn_gather`, autograd backward) for other devices, and the
   grid_sample reference while tracing, exporting or compiling (one GridSample per level is what ONNX has);
 - "reference": always the grid_sample reference (the ground truth every path is tested against);
 - "gather": always the gather forward (any dtype and device);

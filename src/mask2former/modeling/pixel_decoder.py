@@ -217,15 +217,22 @@ class MSDeformAttnPixelDecoder(nn.Module):
             self.add_module(f"adapter_{index}", lateral)
             self.add_module(f"layer_{index}", output)
 
+    def level_dtype(self) -> torch.dtype:
+        """The dtype the decoder computes in: that of its weights."""
+        return self.transformer.level_embed.dtype
+
     def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """features {"res2": (B, C2, H/4, W/4), ..., "res5": (B, C5, H/32, W/32)} ->
-        (mask_features (B, mask_dim, H/4, W/4) float32,
-         [(B, conv_dim, H/32, W/32), (B, conv_dim, H/16, W/16), (B, conv_dim, H/8, W/8)] float32)."""
+        (mask_features (B, mask_dim, H/4, W/4), [(B, conv_dim, H/32, W/32), (B, conv_dim, H/16, W/16),
+         (B, conv_dim, H/8, W/8)]) in the dtype of the decoder's weights."""
         device_type = next(iter(features.values())).device.type
-        # Float32 even under autocast, as the official decoder: the deformable sampling is not half-safe.
+        # Under autocast the decoder keeps its own (float32) weights' precision, as the official decoder;
+        # a model converted to bf16/fp16 runs it in that dtype (the deformable sampling keeps its
+        # coordinates in float32 whatever the dtype: deform_attn.ms_deform_attn_gather).
+        dtype = self.level_dtype()
         with torch.autocast(device_type=device_type, enabled=False):
             levels = [
-                proj(features[name].float())
+                proj(features[name].to(dtype))
                 for proj, name in zip(self.input_proj, reversed(self.transformer_in_features), strict=True)
             ]
             memory, spatial_shapes = self.transformer(levels, [self.pe_layer(level) for level in levels])
@@ -238,7 +245,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             ]
             # Top-down: upsample the finest map so far onto the next finer backbone feature.
             for index in reversed(range(1, len(self.fpn_features) + 1)):
-                lateral = getattr(self, f"adapter_{index}")(features[self.fpn_features[index - 1]].float())
+                lateral = getattr(self, f"adapter_{index}")(features[self.fpn_features[index - 1]].to(dtype))
                 upsampled = F.interpolate(
                     outputs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
                 )
