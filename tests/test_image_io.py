@@ -175,6 +175,12 @@ def test_list_images_errors(tmp_path):
         list_images([str(tmp_path / "*.gif")])
     with pytest.raises(ImageReadError, match="no such file"):
         list_images([str(tmp_path / "missing.png")])
+    # one missing path among others is kept: reading it skips it like a bad file in a folder
+    (tmp_path / "ok.png").write_bytes(b"")
+    assert list_images([str(tmp_path / "ok.png"), str(tmp_path / "missing.png")]) == [
+        tmp_path / "ok.png",
+        tmp_path / "missing.png",
+    ]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ImageReadError, match="no image files"):

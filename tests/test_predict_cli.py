@@ -84,6 +84,19 @@ def test_predict_user_errors(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.jpg" in err[0]
+    # a missing path among good ones is skipped with one line, like a bad file in a folder
+    code = main(
+        [
+            "predict",
+            str(DATA / "chelsea.png"),
+            str(tmp_path / "gone.jpg"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "gone.jpg" in err[0] and "skipped" in err[0]
     assert (
         main(
             [

@@ -208,11 +208,13 @@ def list_images(inputs: list[str] | str) -> list[Path]:
 
     A file is taken whatever its extension (reading it reports a bad one); a folder gives its image files
     (by extension, sorted, not recursive); a pattern gives its matching image files (`**` recurses).
-    A missing path, an image-less folder or a pattern matching no image raises ImageReadError.
+    A missing path among others is kept, so that reading it skips it like a bad file in a folder; when no
+    input exists at all (a typo), an image-less folder or a pattern matching no image raises ImageReadError.
     """
     if isinstance(inputs, str | Path):
         inputs = [inputs]
     found: list[Path] = []
+    missing: list[Path] = []
     for item in inputs:
         text = str(item)
         path = Path(text)
@@ -233,7 +235,10 @@ def list_images(inputs: list[str] | str) -> list[Path]:
                 raise ImageReadError(f"{text}: pattern matches no image files")
             found.extend(images)
         else:
-            raise ImageReadError(f"{path}: no such file or folder")
+            missing.append(path)
+            found.append(path)
+    if missing and len(missing) == len(inputs):
+        raise ImageReadError(f"{missing[0]}: no such file or folder")
     unique: dict[Path, None] = dict.fromkeys(found)
     return list(unique)
 
