@@ -220,7 +220,7 @@ def test_pq_from_files_with_any_reader_and_thread_count_gives_the_panopticapi_st
     reference = reference_stats(scenes, CATEGORIES)
     assert sum(s[1] for s in reference.values()) and sum(s[2] for s in reference.values())  # fp and fn occur
     runs = {f"imagecodecs, {n} threads": score_files(tmp_path, n) for n in (1, 3)}
-    monkeypatch.setattr(fileio, "decode_rgb8_png", lambda path: None)  # the PIL reader
+    monkeypatch.setattr(fileio, "decode_rgb8_png", lambda path, out=None: None)  # the PIL reader
     runs["PIL, 2 threads"] = score_files(tmp_path, 2)
     for name, metrics in runs.items():
         for category in CATEGORIES:

@@ -213,10 +213,12 @@ def read_panoptic_png(path: PathLike) -> np.ndarray:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def decode_rgb8_png(path: Path) -> np.ndarray | None:
+def decode_rgb8_png(path: Path, out: Callable[[int, int], np.ndarray] | None = None) -> np.ndarray | None:
     """(H, W, 3) uint8 of an 8-bit RGB PNG by imagecodecs (libpng, ~2x faster than PIL, GIL released),
     or None: imagecodecs not installed, another PNG kind, more pixels than PIL allows, or any decoding
-    problem. The caller then reads the file with PIL, which gives the same array or the usual error."""
+    problem. The caller then reads the file with PIL, which gives the same array or the usual error.
+    out(height, width), if given, returns the C-contiguous (H, W, 3) uint8 array to decode into (a buffer
+    the caller reuses: fresh pages for every image cost as much as the arithmetic after decoding)."""
     try:
         import imagecodecs
     except ImportError:
@@ -232,7 +234,7 @@ def decode_rgb8_png(path: Path) -> np.ndarray | None:
     if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
         return None  # PIL warns or refuses (decompression bomb): keep its behaviour
     try:
-        rgb = imagecodecs.png_decode(data)
+        rgb = imagecodecs.png_decode(data, out=None if out is None else out(height, width))
     except Exception:  # imagecodecs raises its own error types; PIL decides what the file is
         return None
     if rgb.shape != (height, width, 3) or rgb.dtype != np.uint8:

@@ -22,6 +22,7 @@ from mask2former.data import coco_checks
 from mask2former.evaluation import EvaluationError
 from mask2former.evaluation.instance import InstanceEvaluator
 from mask2former.evaluation.panoptic import PanopticEvaluator
+from mask2former.evaluation.panoptic_pairs import PanopticPairReader
 from mask2former.evaluation.parallel import ordered_map
 from mask2former.evaluation.semantic import SemanticEvaluator
 
@@ -138,15 +139,19 @@ def evaluate_panoptic_files(
     except (KeyError, TypeError, ValueError) as error:
         raise EvaluationError(f"{gt_json}: bad 'categories' ({error})") from None
 
+    reader = PanopticPairReader()
+
     def statistics(gt_annotation: dict):
         # Runs on a worker thread; a problem surfaces when its image's turn comes, so in image order.
         pred_png, pred_annotation, gt_png, where = _panoptic_image(
             gt_annotation, by_id, by_stem, pred_json, pred_dir, gt_json, gt_dir
         )
-        return evaluator.image_statistics(
-            read_panoptic_ids(pred_png),
+        gt_ids, pred_ids, pixels = reader.read(pred_png, gt_png, where)
+        return evaluator.pair_statistics(
+            gt_ids,
+            pred_ids,
+            pixels,
             pred_annotation["segments_info"],
-            read_panoptic_ids(gt_png),
             gt_annotation["segments_info"],
             strict=True,
             where=where,

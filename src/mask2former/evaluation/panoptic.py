@@ -212,17 +212,38 @@ class PanopticEvaluator:
             raise EvaluationError(
                 f"{where[0]}: id map shape {pred_ids.shape} differs from {where[1]} shape {gt_ids.shape}"
             )
+        if gt_ids.size:
+            gt_runs, pred_runs, lengths = _runs(gt_ids.ravel(), pred_ids.ravel())
+        else:
+            gt_runs = pred_runs = lengths = np.zeros(0, dtype=np.int64)
+        return self.pair_statistics(
+            gt_runs, pred_runs, lengths, pred_segments, gt_segments, strict=strict, where=where
+        )
+
+    def pair_statistics(
+        self,
+        gt_ids: np.ndarray,
+        pred_ids: np.ndarray,
+        pixels: np.ndarray,
+        pred_segments: Sequence[Any],
+        gt_segments: Sequence[Any],
+        *,
+        strict: bool = False,
+        where: tuple[str, str] = ("prediction", "ground truth"),
+    ) -> ImageStatistics:
+        """image_statistics of an image given as pixel counts instead of maps: gt_ids, pred_ids, pixels
+        (R,) say that `pixels[r]` pixels have ground-truth id gt_ids[r] and predicted id pred_ids[r]; a
+        pair may repeat (runs of a raster). The other arguments are image_statistics'."""
         pred = _Segments(pred_segments, self._lookup, where[0])
         gt = _Segments(gt_segments, self._lookup, where[1])
         n_pred = pred.ids.size + 1
         # hist[g, p]: pixels of ground-truth segment g and predicted segment p (index 0 = VOID).
         hist = np.zeros((gt.ids.size + 1, n_pred), dtype=np.int64)
-        if gt_ids.size:
-            gt_runs, pred_runs, lengths = _runs(gt_ids.ravel(), pred_ids.ravel())
-            combined = _compact(gt_runs, gt.ids, where[1]) * n_pred + _compact(pred_runs, pred.ids, where[0])
+        if len(gt_ids):
+            combined = _compact(gt_ids, gt.ids, where[1]) * n_pred + _compact(pred_ids, pred.ids, where[0])
             # float64 weights count exactly up to 2**53 pixels
             hist += (
-                np.bincount(combined, weights=lengths, minlength=hist.size)
+                np.bincount(combined, weights=pixels, minlength=hist.size)
                 .astype(np.int64)
                 .reshape(hist.shape)
             )
