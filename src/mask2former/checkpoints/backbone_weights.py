@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mask2former.checkpoints.io import DERIVED_BUFFER_SUFFIXES, CheckpointError, _group
+from mask2former.checkpoints.io import DERIVED_BUFFER_SUFFIXES, CheckpointError, _group, key_problems
 
 LAYOUTS = ("torchvision", "detectron2", "swin-microsoft", "swin-timm")
 
@@ -153,18 +153,7 @@ def load_backbone_weights(model: torch.nn.Module, path: str | Path) -> BackboneR
     missing = [k for k in own if k not in mapped and not k.endswith(DERIVED_BUFFER_SUFFIXES)]
     required = [k for k in missing if not optional.match(k)]
     unexpected = [k for k in mapped if k not in own]
-    mismatched = [
-        f"{k} {tuple(mapped[k].shape)} vs ours {tuple(own[k].shape)}"
-        for k in mapped
-        if k in own and mapped[k].shape != own[k].shape
-    ]
-    problems = []
-    if required:
-        problems.append(f"missing {len(required)}: {_group(required)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {_group(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:6])}")
+    problems = key_problems(required, unexpected, mapped, own, limit=6)
     if problems:
         raise CheckpointError(
             f"{source}: {layout} backbone weights do not fit this backbone: " + " | ".join(problems)

@@ -114,6 +114,30 @@ def _group(keys: list[str], depth: int = 3) -> str:
     return "; ".join(items)
 
 
+def key_problems(
+    missing: list[str],
+    unexpected: list[str],
+    given: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    limit: int = 20,
+) -> list[str]:
+    """The parts of a strict-loading report: missing and unexpected keys grouped by module, and the keys
+    whose given shape differs from the model's (at most `limit` of them named)."""
+    mismatched = [
+        f"{k} {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in given and tuple(given[k].shape) != tuple(own[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys: {_group(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys: {_group(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:limit])}")
+    return problems
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load `state_dict` into `model`, refusing any missing, unexpected or mis-shaped key.
 
@@ -123,18 +147,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     ignorable = lambda key: key.endswith(DERIVED_BUFFER_SUFFIXES)  # noqa: E731
     missing = [k for k in own if k not in state_dict and not ignorable(k)]
     unexpected = [k for k in state_dict if k not in own and not ignorable(k)]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys: {_group(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {_group(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched[:20])}")
+    problems = key_problems(missing, unexpected, state_dict, own, limit=20)
     if problems:
         raise CheckpointError(f"{source}: checkpoint does not fit the model: " + " | ".join(problems))
     loadable = {k: v for k, v in state_dict.items() if k in own}

@@ -215,26 +215,19 @@ class InstanceEvaluator:
             empty = dict.fromkeys(METRICS, float("nan"))
             per_class = {str(k): {"name": v, "AP": float("nan")} for k, v in names.items()}
             return {**empty, "images": n_images, "per_class": per_class}
+
+        def evaluate(engine: str):
+            ground_truth = coco_engine.prepared_ground_truth(self.gt, engine)
+            return coco_engine.run_segm_eval(ground_truth, self.results, image_ids, engine, self.verbose)
+
         try:
-            output = coco_engine.run_segm_eval(
-                coco_engine.prepared_ground_truth(self.gt, engine),
-                self.results,
-                image_ids,
-                engine,
-                self.verbose,
-            )
+            output = evaluate(engine)
         except (ValueError, TypeError, OverflowError):
             # hotcoco is stricter than COCO (e.g. image ids must be integers); auto then takes the reference.
             if self.engine != "auto" or engine != "hotcoco" or not coco_engine.available("pycocotools"):
                 raise
             engine = "pycocotools"
-            output = coco_engine.run_segm_eval(
-                coco_engine.prepared_ground_truth(self.gt, engine),
-                self.results,
-                image_ids,
-                engine,
-                self.verbose,
-            )
+            output = evaluate(engine)
         stats = output.stats
         out: dict[str, Any] = {
             m: 100 * float(stats[i]) if stats[i] >= 0 else float("nan") for i, m in enumerate(METRICS)
