@@ -16,10 +16,10 @@ from serve_helpers import EXAMPLE, server_thread, wait_ready
 
 import mask2former
 from mask2former.data.image_io import load_image
+from mask2former.fileio import encode_png
 from mask2former.inference.predictor import Predictor
 from mask2former.serve.app import ServeSettings, create_app
 from mask2former.serve.client import ServeClient
-from mask2former.serve.encode import png_bytes
 from mask2former.serve.limits import ServeLimits
 from mask2former.serve.metrics import parse_samples
 
@@ -72,7 +72,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_result(real):
     with server_thread(app) as port, ThreadPoolExecutor(len(images)) as pool:
         wait_ready(port)
         service = app.state.service
-        replies = [pool.submit(_post, port, png_bytes(image), task="panoptic") for image in images]
+        replies = [pool.submit(_post, port, encode_png(image), task="panoptic") for image in images]
         # The first batch (3 requests) is held in the model; the other 3 wait in the queue.
         _wait_for(lambda: service.batcher.depth == 3, "3 queued requests")
         gate.set()

@@ -13,6 +13,7 @@ error type. The panoptic PNG encodes a segment id as RGB with id = R + 256 G + 2
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -107,6 +108,15 @@ def save_image(image: Image.Image | np.ndarray, path: PathLike) -> Path:
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     return atomic_write(path, lambda temp: image.save(temp, format=image_format))
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """A PIL image or (H, W[, C]) uint8/uint16 array as the bytes of a PNG file (for HTTP answers)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_png(path: PathLike, array: np.ndarray) -> Path:

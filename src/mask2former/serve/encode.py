@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 
 import numpy as np
 import torch
-from PIL import Image
 
 from mask2former import rle
 from mask2former.data.catalog import DatasetMeta
-from mask2former.fileio import id2rgb
+from mask2former.fileio import encode_png, id2rgb
 from mask2former.formats import instances_to_coco
 from mask2former.inference.predictor import Prediction
 from mask2former.results import InstanceResult, PanopticResult, SemanticResult
@@ -141,23 +139,14 @@ def prediction_json(
     return document
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """(H, W) uint8/uint16 or (H, W, 3) uint8 -> PNG file bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def overlay_png(prediction: Prediction, meta: DatasetMeta) -> bytes:
     """The overlay picture `predict` saves as STEM.<task>.png, as PNG bytes."""
-    buffer = io.BytesIO()
-    draw_prediction(prediction, meta).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(draw_prediction(prediction, meta))
 
 
 def panoptic_png(result: PanopticResult) -> bytes:
     """COCO panoptic PNG (id = R + 256 G + 256^2 B) of the segment ids."""
-    return png_bytes(id2rgb(np.asarray(result.id_map)))
+    return encode_png(id2rgb(np.asarray(result.id_map)))
 
 
 def semantic_png(result: SemanticResult, meta: DatasetMeta) -> bytes:
@@ -165,4 +154,4 @@ def semantic_png(result: SemanticResult, meta: DatasetMeta) -> bytes:
     unlabelled), uint16 when a class index is over 255."""
     class_map = np.asarray(result.class_map)
     values = np.where(class_map >= 0, class_map, meta.ignore_label)
-    return png_bytes(values.astype(np.uint8 if values.max(initial=0) <= 255 else np.uint16))
+    return encode_png(values.astype(np.uint8 if values.max(initial=0) <= 255 else np.uint16))
