@@ -24,13 +24,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from mask2former.checkpoints.io import CheckpointError, is_our_format
+from mask2former.fileio import temporary_path
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/maskformer/mask2former"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -265,10 +265,10 @@ def _write_folder_atomically(state, config, folder: Path, extra: dict) -> None:
     from mask2former.checkpoints.io import save_checkpoint
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    temp = temporary_path(folder)
+    os.mkdir(temp, 0o777)  # the umask decides its mode, as for any new folder
     try:
         save_checkpoint(state, config, temp, extra=extra)
-        os.chmod(temp, 0o777 & ~_umask())
         if folder.exists() and not is_our_format(folder):
             shutil.rmtree(folder)  # a broken leftover
         try:
@@ -279,12 +279,6 @@ def _write_folder_atomically(state, config, folder: Path, extra: dict) -> None:
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---------------------------------------------------------------- Hugging Face hub
