@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from mask2former.config import ModelConfig
+from mask2former.glibc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, libc_function
 from mask2former.inference.optimize import onednn_available
 from mask2former.inference.postprocess import PostprocessSettings, postprocess
 
@@ -98,8 +98,7 @@ def onednn_matmul_peak_gflops(
     return 2 * size**3 / best / 1e9
 
 
-# glibc malloc tuning through mallopt (parameter numbers from malloc.h), as (trim threshold, mmap threshold).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# glibc malloc tuning through mallopt, as (trim threshold, mmap threshold).
 ALLOCATOR_MODES = {
     # Where glibc's own dynamic thresholds settle once large blocks have been freed.
     "default": (64 * 2**20, 32 * 2**20),
@@ -116,13 +115,12 @@ def set_allocator(mode: str) -> bool:
     """Switch glibc's malloc to one of ALLOCATOR_MODES for the whole process ("release" also trims what it
     holds now). False where glibc is not the allocator. Changes speed and resident memory, never results."""
     trim, mmap = ALLOCATOR_MODES[mode]
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1
-        if mode == "release":
-            libc.malloc_trim(0)
-    except (OSError, AttributeError):
+    mallopt, malloc_trim = libc_function("mallopt"), libc_function("malloc_trim")
+    if mallopt is None or malloc_trim is None:
         return False
+    ok = mallopt(M_TRIM_THRESHOLD, trim) == 1 and mallopt(M_MMAP_THRESHOLD, mmap) == 1
+    if mode == "release":
+        malloc_trim(0)
     return ok
 
 

@@ -10,32 +10,19 @@ Freed small blocks still keep their pages until the heap is trimmed: `HeapTrimme
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import threading
 import time
 
-M_MMAP_THRESHOLD = -3  # mallopt parameters of glibc's malloc.h
-M_ARENA_MAX = -8
+from mask2former.glibc import M_ARENA_MAX, M_MMAP_THRESHOLD, libc_function
+
 MMAP_THRESHOLD_BYTES = 256 * 1024
 ARENA_MAX = 2
 
 
-def _libc_function(name: str):
-    """A function of the C library, or None where there is no such function (not glibc)."""
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return None
-    try:
-        return getattr(ctypes.CDLL(library), name)
-    except (OSError, AttributeError):
-        return None
-
-
 def limit_heap_growth() -> bool:
     """Apply the two malloc settings; True when glibc accepted them."""
-    mallopt = _libc_function("mallopt")
+    mallopt = libc_function("mallopt")
     if mallopt is None:  # not glibc (musl, macOS): nothing to tune
         return False
     ok = True
@@ -54,7 +41,7 @@ class HeapTrimmer:
 
     def __init__(self, interval_s: float = 2.0):
         self.interval_s = interval_s
-        self._malloc_trim = _libc_function("malloc_trim")
+        self._malloc_trim = libc_function("malloc_trim")
         self._lock = threading.Lock()
         self._last = time.monotonic()
 
