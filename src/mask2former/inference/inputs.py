@@ -69,10 +69,9 @@ def to_rgb_list(images: Sequence, bgr: bool = False) -> list[np.ndarray]:
 
 def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:
     values = tensor.detach().cpu()
-    if values.ndim == 3 and values.shape[0] in _CHANNELS and values.shape[-1] not in _CHANNELS:
-        values = values.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
-    elif values.ndim == 3 and values.shape[0] in _CHANNELS and values.shape[-1] in _CHANNELS:
-        values = values.permute(1, 2, 0)  # ambiguous (a 3x3 image, say): torch's own order, channels first
+    # (C, H, W) -> (H, W, C); an ambiguous shape (a 3x3 image, say) is read in torch's own order, C first.
+    if values.ndim == 3 and values.shape[0] in _CHANNELS:
+        values = values.permute(1, 2, 0)
     if values.dtype == torch.bfloat16 or values.dtype == torch.float16:
         values = values.float()
     return values.numpy()
