@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -115,22 +114,6 @@ class PredictionWriter:
     def _ids(self) -> list[int]:
         """Dataset id per model class (-1 for a class without one: its results never reach the files)."""
         return [c["id"] if c is not None else -1 for c in self.categories]
-
-    def summary(self, prediction: Prediction) -> str:
-        """'3 segments: 2 cat, sky' style one-line description of a result."""
-        names = self.meta.class_names
-        result = prediction.result
-        if self.task == "semantic":
-            classes = [int(c) for c in sorted(set(result.class_map.ravel().tolist()))]
-            return f"{len(classes)} classes: " + ", ".join(names[c] for c in classes)
-        if self.task == "panoptic":
-            labels = [names[s.category_id] for s in result.segments]
-        else:
-            labels = [names[int(c)] for c in result.classes]
-        counts = Counter(labels)
-        kind = "segments" if self.task == "panoptic" else "instances"
-        listed = ", ".join(f"{n} {name}" if n > 1 else name for name, n in counts.most_common())
-        return f"{len(labels)} {kind}" + (f": {listed}" if listed else "")
 
     def merge(self, records: Iterable[dict]) -> list[Path]:
         """Write the whole-folder files from image records (in index order), each atomically."""

@@ -16,6 +16,7 @@ Category ids in COCO output are the dataset's ids (the model config's `category_
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,10 +86,8 @@ class Prediction:
 
     def summary(self) -> str:
         """'3 segments: 2 circle, sky' style one-line description."""
-        counts: dict[str, int] = {}
-        for label in self.labels:
-            counts[label] = counts.get(label, 0) + 1
-        listed = ", ".join(f"{n} {name}" if n > 1 else name for name, n in counts.items())
+        counts = Counter(self.labels)
+        listed = ", ".join(f"{n} {name}" if n > 1 else name for name, n in counts.most_common())
         kind = {"panoptic": "segments", "instance": "instances", "semantic": "classes"}[self.task]
         return f"{len(self.labels)} {kind}" + (f": {listed}" if listed else "")
 

@@ -179,7 +179,7 @@ def _predict_shard(
                 summary.done += 1
                 bar.update(1)
                 shown = record["files"][-1] if record["files"] else writer.task
-                tqdm.write(f"{image.path}: {writer.summary(prediction)} -> {Path(writer.out_dir) / shown}")
+                tqdm.write(f"{image.path}: {prediction.summary()} -> {Path(writer.out_dir) / shown}")
                 if schedule is not None and schedule.image_done():
                     started = time.perf_counter()
                     writer.merge(journal.records())
