@@ -12,9 +12,9 @@ attention-weighted sum of the bilinearly interpolated values (zero padding, alig
 - `deform_attn_fast.ms_deform_attn_fast`: the same gathers with an analytic backward, for eager CPU
   float32/float64 (training and inference).
 - `ms_deform_attn`: what MSDeformAttn calls. By default it takes `ms_deform_attn_fast` in eager CPU
-  float32/float64, `ms_deform_attn_gather` for other dtypes (bf16/fp16) and devices, and the reference while
-  tracing or exporting, because GridSample is one native ONNX op per level while embedding_bag has no ONNX
-  counterpart. `modeling.kernels.use_kernels(deform_attn=...)` overrides the choice.
+  float32/float64 (and for CPU bf16/fp16 on up-cast inputs), `ms_deform_attn_gather` on other devices, and
+  the reference while tracing or exporting, because GridSample is one native ONNX op per level while
+  embedding_bag has no ONNX counterpart. `modeling.kernels.use_kernels(deform_attn=...)` overrides the choice.
 
 Spatial shapes are python ints (SymInts or traced sizes when exporting), never a tensor, and are only used
 in arithmetic, so a dynamic-shape export computes every level size in-graph.
@@ -176,15 +176,15 @@ def ms_deform_attn(
 
     # Eager CPU float32/float64: corner gathers with an analytic backward (~5x the reference forward+backward,
     # bench/bench_deform_attn.py). Other dtypes and devices keep the gather path.
-    fast_applies = value.device.type == "cpu" and value.dtype in deform_attn_fast.SUPPORTED_DTYPES
-    fast = deform_attn_fast.ms_deform_attn_fast
-    if kernel != "gather" and fast_applies:
-        return fast(value, spatial_shapes, sampling_locations, attention_weights)
-    # bf16 / fp16 on CPU: the sampling is memory-bound, so the float32 fast kernel on up-cast inputs beats
-    # the gather path's half-precision elementwise work (2.3x on R50's levels at 800x1088, 2 threads).
-    if kernel != "gather" and value.device.type == "cpu" and value.dtype in (torch.bfloat16, torch.float16):
-        out = fast(value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float())
-        return out.to(value.dtype)
+    if kernel != "gather" and value.device.type == "cpu":
+        fast = deform_attn_fast.ms_deform_attn_fast
+        if value.dtype in deform_attn_fast.SUPPORTED_DTYPES:
+            return fast(value, spatial_shapes, sampling_locations, attention_weights)
+        # bf16 / fp16: the sampling is memory-bound, so the float32 fast kernel on up-cast inputs beats the
+        # gather path's half-precision elementwise work (2.3x on R50's levels at 800x1088, 2 threads).
+        if value.dtype in (torch.bfloat16, torch.float16):
+            out = fast(value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float())
+            return out.to(value.dtype)
     return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
 
 
