@@ -26,7 +26,7 @@ def test_without_the_extra_serve_says_how_to_install_it(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "flags, words",
     [
-        (["--max-batch", "0"], "--max-batch 0: must be positive"),
+        (["--max-batch", "0"], "--max-batch 0: must be at least 1"),
         (["--timeout", "0"], "--timeout 0"),
         (["--port", "70000"], "--port 70000: must be 0..65535"),
         (["--weights", "no/such/model"], "--weights no/such/model: no such file"),

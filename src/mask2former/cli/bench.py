@@ -21,7 +21,7 @@ import statistics
 import time
 
 from mask2former.cli import UserError, example
-from mask2former.cli.checks import check_input_size
+from mask2former.cli.checks import AT_LEAST_1, NON_NEGATIVE, Range, check_args, check_input_size
 
 
 def register(subparsers) -> None:
@@ -130,16 +130,16 @@ def measure(args: argparse.Namespace) -> dict:
         run_stages,
     )
 
-    for name, value, low in (
-        ("--runs", args.runs, 1),
-        ("--warmup", args.warmup, 0),
-        ("--batch-size", args.batch_size, 1),
-    ):
-        if value < low:
-            raise UserError(f"{name} {value}: must be at least {low}")
+    check_args(
+        args,
+        {
+            "--runs": AT_LEAST_1,
+            "--warmup": NON_NEGATIVE,
+            "--batch-size": AT_LEAST_1,
+            "--threads": Range(1, 1024),
+        },
+    )
     if args.threads is not None:
-        if args.threads < 1 or args.threads > 1024:
-            raise UserError(f"--threads {args.threads}: must be between 1 and 1024")
         torch.set_num_threads(args.threads)
     # The reference path is the float32 ground truth (its grid_sample and training-time decoder are fp32).
     dtypes = dtypes_of("fp32" if args.reference and args.dtype == "all" else args.dtype)

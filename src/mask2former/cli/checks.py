@@ -61,6 +61,12 @@ def check_numbers(values: Mapping[str, float | None], rules: Mapping[str, Range]
         check_number(flag, values.get(flag), allowed)
 
 
+def check_args(args, rules: Mapping[str, Range]) -> None:
+    """check_number for each flag in `rules`, its value read from the parsed `args` ("--max-batch" ->
+    args.max_batch)."""
+    check_numbers({flag: getattr(args, flag[2:].replace("-", "_")) for flag in rules}, rules)
+
+
 def check_ordered(low_flag: str, low: float | None, high_flag: str, high: float | None) -> None:
     if low is not None and high is not None and low > high:
         raise UserError(f"{low_flag} {low} is above {high_flag} {high}")

@@ -80,7 +80,7 @@ def register(subparsers) -> None:
 def evaluate_files(args: argparse.Namespace) -> dict:
     """Metrics of prediction files named by the --pred-* / --gt-* arguments."""
     from mask2former import limits
-    from mask2former.cli.checks import check_limit
+    from mask2former.cli.checks import AT_LEAST_1, check_limit, check_number
     from mask2former.evaluation import EvaluationError, files
 
     missing = [name for name in _FILE_ARGUMENTS[args.task] if getattr(args, name) is None]
@@ -88,16 +88,14 @@ def evaluate_files(args: argparse.Namespace) -> dict:
         flags = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise UserError(f"--task {args.task} from files needs {flags} (or --weights and --data)")
     progress = not args.no_progress
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: must be at least 1")
+    check_number("--workers", args.workers, AT_LEAST_1)
     try:
         if args.task == "panoptic":
             return files.evaluate_panoptic_files(
                 args.pred_json, args.pred_dir, args.gt_json, args.gt_dir, progress, args.workers
             )
         if args.task == "semantic":
-            if args.num_classes < 1:
-                raise UserError(f"--num-classes {args.num_classes}: must be at least 1")
+            check_number("--num-classes", args.num_classes, AT_LEAST_1)
             check_limit(limits.CLASSES, args.num_classes, f"--num-classes {args.num_classes}")
             if 0 <= args.ignore_label < args.num_classes:
                 raise UserError(
@@ -182,6 +180,7 @@ def write_metrics(out_dir: str | os.PathLike, metrics: dict) -> Path:
 def _evaluate_model(args: argparse.Namespace) -> dict | None:
     """`evaluation.model.evaluate_model` for --weights/--data, its errors as one line naming the flag."""
     from mask2former.cli import flag_error, resolve_device_flag
+    from mask2former.cli.checks import AT_LEAST_1, check_number
     from mask2former.cli.predict import make_predictor
     from mask2former.evaluation import EvaluationError
     from mask2former.evaluation.model import evaluate_model, open_evaluation_dataset
@@ -189,8 +188,7 @@ def _evaluate_model(args: argparse.Namespace) -> dict | None:
     if args.data is None:
         raise UserError("--data DIR is needed to evaluate a model (or give prediction files)")
     device = resolve_device_flag(args.device)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: must be at least 1")
+    check_number("--limit", args.limit, AT_LEAST_1)
     try:
         dataset = open_evaluation_dataset(args.data, args.task)
     except ValueError as error:

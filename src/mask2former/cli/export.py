@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mask2former.cli import UserError, example, flag_error
-from mask2former.cli.checks import check_input_size, check_output_file
+from mask2former.cli.checks import AT_LEAST_1, check_input_size, check_number, check_output_file
 from mask2former.cli.ops import parse_size
 
 FORMATS = ("onnx",)
@@ -85,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--size HxW is required for a fixed-size graph (or pass --dynamic)")
     if not str(args.out).endswith(".onnx"):
         raise UserError(f"--out {args.out}: the file name must end in .onnx")
-    if args.threads < 1:
-        raise UserError(f"--threads {args.threads}: must be at least 1")
+    check_number("--threads", args.threads, AT_LEAST_1)
     check_output_file("--out", args.out)
     check_input_size("--size", size)
     try:
@@ -152,8 +151,7 @@ def _calibration(args: argparse.Namespace):
         raise UserError("--int8 and --fp16: choose one precision")
     if args.calibrate is None:
         raise UserError("--int8 needs --calibrate DIR (images like the ones the graph will see)")
-    if args.calibration_images < 1:
-        raise UserError(f"--calibration-images {args.calibration_images}: must be at least 1")
+    check_number("--calibration-images", args.calibration_images, AT_LEAST_1)
     try:
         return calibration_images(args.calibrate, args.calibration_images)
     except ExportError as error:

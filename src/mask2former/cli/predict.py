@@ -173,9 +173,10 @@ def _thresholds(args: argparse.Namespace) -> dict:
         "object_mask_threshold": ("--object-threshold", args.object_threshold),
         "overlap_threshold": ("--overlap-threshold", args.overlap_threshold),
     }
+    from mask2former.cli.checks import FRACTION, check_number
+
     for flag, value in given.values():
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise UserError(f"{flag} {value}: must be between 0 and 1")
+        check_number(flag, value, FRACTION)
     return {name: value for name, (_, value) in given.items() if value is not None}
 
 

@@ -130,21 +130,20 @@ def _log_to_stderr() -> None:
 
 
 def _settings(args: argparse.Namespace, settings_class, limits_class):
-    checks = {
-        "--max-batch": args.max_batch >= 1,
-        "--workers": args.workers >= 1,
-        "--max-queue": args.max_queue >= 1,
-        "--max-wait-ms": args.max_wait_ms >= 0,
-        "--max-upload-mb": args.max_upload_mb > 0,
-        "--max-pixels": args.max_pixels >= 1,
-        "--timeout": args.timeout > 0,
-    }
-    for flag, ok in checks.items():
-        if not ok:
-            value = getattr(args, flag[2:].replace("-", "_"))
-            raise UserError(
-                f"{flag} {value}: must be positive" + (" or 0" if flag == "--max-wait-ms" else "")
-            )
+    from mask2former.cli.checks import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_args
+
+    check_args(
+        args,
+        {
+            "--max-batch": AT_LEAST_1,
+            "--workers": AT_LEAST_1,
+            "--max-queue": AT_LEAST_1,
+            "--max-wait-ms": NON_NEGATIVE,
+            "--max-upload-mb": POSITIVE,
+            "--max-pixels": AT_LEAST_1,
+            "--timeout": POSITIVE,
+        },
+    )
     limits = limits_class(
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,

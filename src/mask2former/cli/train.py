@@ -291,8 +291,7 @@ def run(args: argparse.Namespace) -> int:
     from mask2former.training.trainer import CHECKPOINT_NAME, Trainer
 
     out_dir = check_output_folder("--out", args.out)
-    if args.eval_every is not None and args.eval_every < 1:
-        raise UserError(f"--eval-every {args.eval_every}: must be at least 1")
+    checks.check_number("--eval-every", args.eval_every, checks.AT_LEAST_1)
     if args.init and args.backbone_weights:
         raise UserError("--init already holds a backbone: give --init or --backbone-weights, not both")
     init_weights, init_config = _read_init(args.init) if args.init else (None, None)
