@@ -108,6 +108,12 @@ def build_criterion(num_classes: int, config: TrainConfig) -> SetCriterion:
     )
 
 
+def append_metrics_row(path: Path, row: dict) -> None:
+    """One JSON line onto metrics.jsonl (training rows and validation rows alike)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda temp: torch.save(obj, temp))
 
@@ -325,8 +331,7 @@ class Trainer:
                         "seconds": round(time.perf_counter() - started, 2),
                     }
                     if self.rank == 0:
-                        with open(metrics_path, "a") as handle:
-                            handle.write(json.dumps(last) + "\n")
+                        append_metrics_row(metrics_path, last)
                         if not self.show_progress:  # no bar: a line per --log-every steps instead
                             print(log_line(last, config.max_iters, started_step), flush=True)
                 if self.val_dataset is not None and (
@@ -372,8 +377,7 @@ class Trainer:
             return None
         key = primary_figure(self.model_config)
         row = {"step": self.step, **figures}
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_metrics_row(metrics_path, row)
         value = figures.get(key)
         improved = value is not None and (self.best is None or value > self.best[1])
         if improved:
