@@ -8,8 +8,11 @@ reference path and against Hugging Face transformers' eager Mask2Former.
   runs it; its agreement with fp32 is printed (pred_masks sign, argmax class of each query).
 - reference: the same weights unfolded, grid_sample deformable attention, every intermediate mask at
   full resolution (the decoder run with aux outputs, then dropped), same post-processing.
-- fast, reuse memory: the fast path with glibc keeping freed memory for reuse
-  (`profiling.set_allocator`, opt-in, process-wide), switched on around these runs only.
+- allocators: every contender runs under the glibc malloc settings its users get. Ours (fast, fast bf16,
+  reference) under what `predict` sets (`glibc.keep_freed_memory`, via TorchRunner.reuse_memory), Hugging
+  Face under glibc's defaults. Unless --no-allocator-variants, two more rows swap them: "fast, default
+  allocator" and "huggingface, reuse memory" (the same allocator as ours), so the ratio between the models
+  alone is printed too.
 - huggingface: transformers' Mask2FormerForUniversalSegmentation with a ResNet-50 backbone (bottleneck
   [3, 4, 6, 3], 256..2048; 100 queries, 9 decoder layers, 6 encoder layers), built offline, eager, then its
   image processor's post_process_panoptic_segmentation at the input size. It gets our random weights through
@@ -94,7 +97,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-huggingface", action="store_true")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs")
-    parser.add_argument("--no-reuse-memory", action="store_true", help="skip the 'fast, reuse memory' runs")
+    parser.add_argument(
+        "--no-allocator-variants",
+        action="store_true",
+        help="skip the 'fast, default allocator' and 'huggingface, reuse memory' runs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     height, width = (int(side) for side in args.size.split("x"))
@@ -117,8 +124,8 @@ def main() -> None:
 
         return context
 
-    def fast(timed: bool = True) -> None:
-        run_stages(fast_model, images, config, timed_stages("fast") if timed else _untimed)
+    def fast(timed: bool = True, path: str = "fast") -> None:
+        run_stages(fast_model, images, config, timed_stages(path) if timed else _untimed)
 
     def reference(timed: bool = True) -> None:
         with use_kernels(deform_attn="reference"):
@@ -130,19 +137,19 @@ def main() -> None:
                 full_resolution_masks=True,
             )
 
-    def fast_reusing_memory(timed: bool = True) -> None:
-        with allocator("reuse"):
-            run_stages(fast_model, images, config, timed_stages("fast, reuse memory") if timed else _untimed)
-
     def fast_bf16(timed: bool = True) -> None:
         run_stages(bf16_model, images.bfloat16(), config, timed_stages("fast bf16") if timed else _untimed)
 
-    stage_times["fast, reuse memory"] = {}
-    contenders = {"fast": fast, "reference": reference}
+    # name -> (run, glibc allocator mode it runs under: profiling.ALLOCATOR_MODES)
+    contenders = {"fast": (fast, "reuse"), "reference": (reference, "reuse")}
     if bf16:
-        contenders["fast bf16"] = fast_bf16
-    if not args.no_reuse_memory:
-        contenders["fast, reuse memory"] = fast_reusing_memory
+        contenders["fast bf16"] = (fast_bf16, "reuse")
+    if not args.no_allocator_variants:
+        stage_times["fast, default allocator"] = {}
+        contenders["fast, default allocator"] = (
+            lambda timed=True: fast(timed, "fast, default allocator"),
+            "default",
+        )
     if not args.no_huggingface:
         hf_model, provenance = build_huggingface(reference_model, config)
         hf_model.requires_grad_(False)
@@ -154,7 +161,9 @@ def main() -> None:
                 outputs = hf_model(pixel_values=images)
                 processor.post_process_panoptic_segmentation(outputs, target_sizes=[(height, width)])
 
-        contenders["huggingface"] = huggingface
+        contenders["huggingface"] = (huggingface, "default")
+        if not args.no_allocator_variants:
+            contenders["huggingface, reuse memory"] = (huggingface, "reuse")
         ours = sum(p.numel() for p in reference_model.parameters()) / 1e6
         theirs = sum(p.numel() for p in hf_model.parameters()) / 1e6
         print(f"parameters: ours {ours:.2f}M, Hugging Face {theirs:.2f}M")
@@ -181,43 +190,44 @@ def main() -> None:
         for key, hf_key in (("pred_logits", "class_queries_logits"), ("pred_masks", "masks_queries_logits")):
             difference = (got[key] - getattr(theirs, hf_key)).abs().max().item()
             print(f"max |fast - huggingface| {key}: {difference:.2e}")
-    for run in contenders.values():
-        run(timed=False)
+    for run, mode in contenders.values():
+        with allocator(mode):
+            run(timed=False)
     for times in stage_times.values():
         times.clear()
 
     totals: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.runs):
-        for name, run in contenders.items():
-            start = time.perf_counter()
-            run()
-            totals[name].append(time.perf_counter() - start)
+        for name, (run, mode) in contenders.items():
+            with allocator(mode):
+                start = time.perf_counter()
+                run()
+                totals[name].append(time.perf_counter() - start)
 
     print(
         f"\n{args.preset} (random weights), input 1x3x{height}x{width}, {args.threads} thread(s), "
         f"{args.runs} interleaved runs after 1 warm-up"
     )
-    print(f"{'':20s} {'min s':>7s} {'median s':>9s} {'max s':>7s}   per-stage median s ({', '.join(STAGES)})")
+    print(f"{'':26s} {'min s':>7s} {'median s':>9s} {'max s':>7s}   per-stage median s ({', '.join(STAGES)})")
     for name, values in totals.items():
         stages = stage_times.get(name, {})
         per_stage = " ".join(f"{statistics.median(stages[s]):6.2f}" for s in STAGES) if stages else ""
         print(
-            f"{name:20s} {min(values):7.2f} {statistics.median(values):9.2f} {max(values):7.2f}   {per_stage}"
+            f"{name:26s} {min(values):7.2f} {statistics.median(values):9.2f} {max(values):7.2f}   {per_stage}"
         )
-    for mine in ("fast", "fast bf16"):
-        for name in ("reference", "huggingface"):
-            if name not in contenders or mine not in contenders:
-                continue
-            paired = [other / ours for other, ours in zip(totals[name], totals[mine], strict=True)]
-            print(
-                f"{mine} vs {name}: {min(totals[name]) / min(totals[mine]):.2f}x faster (min/min), "
-                f"{statistics.median(paired):.2f}x (median of paired runs)"
-            )
-    if "fast, reuse memory" in totals:
-        reuse, plain = totals["fast, reuse memory"], totals["fast"]
+    comparisons = [
+        (mine, name)
+        for mine in ("fast", "fast bf16")
+        for name in ("reference", "huggingface", "huggingface, reuse memory")
+    ]
+    comparisons.append(("fast", "fast, default allocator"))
+    for mine, name in comparisons:
+        if name not in contenders or mine not in contenders:
+            continue
+        paired = [other / ours for other, ours in zip(totals[name], totals[mine], strict=True)]
         print(
-            f"fast with glibc reusing freed memory (profiling.set_allocator('reuse'), process-wide, opt-in): "
-            f"{min(plain) / min(reuse):.2f}x the default allocator's fast path (min/min)"
+            f"{mine} vs {name}: {min(totals[name]) / min(totals[mine]):.2f}x faster (min/min), "
+            f"{statistics.median(paired):.2f}x (median of paired runs)"
         )
 
 

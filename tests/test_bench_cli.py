@@ -26,13 +26,13 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize("extra", [[], ["--reference", "--batch-size", "2"], ["--reuse-memory"]])
+@pytest.mark.parametrize("extra", [[], ["--reference", "--batch-size", "2"], ["--no-reuse-memory"]])
 def test_json_report_has_every_stage(capsys, extra):
     assert main(TINY + ["--json"] + extra) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["path"] == ("reference" if "--reference" in extra else "fast")
     assert report["input"] == [2 if "--batch-size" in extra else 1, 3, 64, 96]
-    assert report["reuse_memory"] == ("--reuse-memory" in extra)
+    assert report["reuse_memory"] == ("--no-reuse-memory" not in extra)
     assert list(report["stages"]) == list(STAGES)
     assert report["matmul_peak_gflops"] > 0
     for name in ("backbone", "pixel decoder", "transformer decoder"):

@@ -111,6 +111,7 @@ def load(
     preset: str | None = None,
     device: str = "auto",
     dtype: str | torch.dtype | None = None,
+    reuse_memory: bool = True,
 ):
     """A Predictor for a checkpoint (any format, or an exported .onnx graph), a preset with random weights,
     or the bundled model when both are None (see `resolve_model`). `predictor.trained` says whether the
@@ -121,7 +122,8 @@ def load(
     machine lacks raises ValueError("device cuda: CUDA is not available ..."). ONNX graphs run on the CPU.
     `dtype` "fp32" (default), "bf16" or "fp16" is the precision inference runs in (`inference.precision`;
     ValueError where the device would only emulate it). An .onnx graph has the precision it was exported
-    with: `dtype`, when given, must name it.
+    with: `dtype`, when given, must name it. `reuse_memory`: on the CPU, have glibc keep freed memory for
+    reuse during inference (process-wide, ~15% faster on large images; see `TorchRunner`).
     """
     from mask2former.devices import resolve_device
     from mask2former.inference.precision import resolve_dtype
@@ -138,5 +140,5 @@ def load(
     loaded = resolve_model(path, preset)
     if path is None and preset is None and not loaded.trained:
         warnings.warn(f"{loaded.source}: results are meaningless", stacklevel=2)
-    runner = TorchRunner(loaded.model, device, dtype=resolved or torch.float32)
+    runner = TorchRunner(loaded.model, device, dtype=resolved or torch.float32, reuse_memory=reuse_memory)
     return Predictor(runner, loaded.config, loaded.source, loaded.trained)

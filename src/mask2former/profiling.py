@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from mask2former.config import ModelConfig
-from mask2former.glibc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, libc_function
+from mask2former.glibc import (
+    M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD,
+    REUSE_MMAP_THRESHOLD,
+    REUSE_TRIM_THRESHOLD,
+    libc_function,
+)
 from mask2former.inference.optimize import onednn_available
 from mask2former.inference.postprocess import PostprocessSettings, postprocess
 
@@ -102,10 +108,8 @@ def onednn_matmul_peak_gflops(
 ALLOCATOR_MODES = {
     # Where glibc's own dynamic thresholds settle once large blocks have been freed.
     "default": (64 * 2**20, 32 * 2**20),
-    # Freed blocks of any size stay mapped for reuse: a large tensor no longer costs one page fault per fresh
-    # 4 KiB page each time it is allocated (a quarter of R50 inference time on the benchmark machine); the
-    # resident set stays at its high-water mark.
-    "reuse": (2**31 - 1, 2**30),
+    # What inference sets (`glibc.keep_freed_memory`): freed blocks of any size stay mapped for reuse.
+    "reuse": (REUSE_TRIM_THRESHOLD, REUSE_MMAP_THRESHOLD),
     # Blocks over 64 KiB go back to the OS at once, so the resident set follows live tensors (memory peaks).
     "release": (128 * 2**10, 64 * 2**10),
 }

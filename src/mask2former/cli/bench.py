@@ -44,10 +44,10 @@ def register(subparsers) -> None:
         "intermediate masks at full resolution",
     )
     parser.add_argument(
-        "--reuse-memory",
+        "--no-reuse-memory",
         action="store_true",
-        help="time with glibc keeping freed memory for reuse (profiling.set_allocator('reuse')): "
-        "no page faults for large tensors, resident memory stays at its peak",
+        help="time with glibc's default allocator instead of the setting predict runs with (glibc keeping "
+        "freed memory for reuse: no page faults for large tensors, resident memory stays at its peak)",
     )
     parser.add_argument(
         "--dtype",
@@ -107,7 +107,9 @@ def load(args: argparse.Namespace, dtypes: list) -> tuple[dict, object]:
     # on parameters that require one.
     model = loaded.model.requires_grad_(False)
     models = {
-        dtype: TorchRunner(model, optimize=not args.reference, dtype=dtype).inference_model()
+        dtype: TorchRunner(
+            model, optimize=not args.reference, dtype=dtype, reuse_memory=not args.no_reuse_memory
+        ).inference_model()
         for dtype in dtypes
     }
     return models, loaded.config
@@ -188,16 +190,15 @@ def measure(args: argparse.Namespace) -> dict:
 
         return context
 
-    timing_allocator = allocator("reuse") if args.reuse_memory else contextlib.nullcontext()
     whole = {}
     with path:
-        with timing_allocator:
-            for _ in range(args.warmup):
-                for dtype in dtypes:
-                    once(dtype)
-            for _ in range(args.runs):
-                for dtype in dtypes:
-                    once(dtype, timed(dtype))
+        # The allocator is what predict sets (TorchRunner.reuse_memory, applied by load() above).
+        for _ in range(args.warmup):
+            for dtype in dtypes:
+                once(dtype)
+        for _ in range(args.runs):
+            for dtype in dtypes:
+                once(dtype, timed(dtype))
         with use_kernels(onednn=False):  # FlopCounterMode has no formulas for oneDNN's kernels
             once(dtypes[0], counted)
         for dtype in dtypes:
@@ -224,7 +225,7 @@ def measure(args: argparse.Namespace) -> dict:
         "input": [args.batch_size, 3, height, width],
         "threads": torch.get_num_threads(),
         "runs": args.runs,
-        "reuse_memory": args.reuse_memory,
+        "reuse_memory": not args.no_reuse_memory,
         "warmup": args.warmup,
         **first,  # the first dtype's figures at the top level, as before --dtype
         "dtypes": reports,

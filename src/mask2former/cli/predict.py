@@ -136,9 +136,10 @@ def make_predictor(
     device: str = "auto",
     backend: str | None = None,
     dtype: str | None = None,
+    reuse_memory: bool = True,
 ):
     """The Predictor for --weights/--preset/--device/--backend/--dtype (`mask2former.load`), with one-line
-    errors."""
+    errors. reuse_memory: see `mask2former.load`."""
     import warnings
 
     import mask2former
@@ -153,7 +154,9 @@ def make_predictor(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return mask2former.load(weights, preset=preset, device=device, dtype=dtype)
+            return mask2former.load(
+                weights, preset=preset, device=device, dtype=dtype, reuse_memory=reuse_memory
+            )
     except (ValueError, FileNotFoundError) as error:
         raise flag_error(error, ("weights", "preset", "dtype", "device")) from None
 

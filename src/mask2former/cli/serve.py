@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     def load_predictor():
         from mask2former.cli.predict import apply_scale_arguments, make_predictor
 
-        predictor = make_predictor(args.weights, args.preset, args.device)
+        # The server keeps its own malloc settings (limit_heap_growth), not inference's.
+        predictor = make_predictor(args.weights, args.preset, args.device, reuse_memory=False)
         apply_scale_arguments(predictor, args.short_edge, args.max_size)
         return predictor
 

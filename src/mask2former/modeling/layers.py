@@ -77,6 +77,34 @@ class Conv2d(nn.Conv2d):
         self.norm = None
 
 
+def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(conv(x)) (B, C_in, H, W) -> (B, C_out, H', W'); one fused kernel where the layer offers it
+    (`inference.optimize.OneDNNConv2d.relu_forward`)."""
+    fused = getattr(conv, "relu_forward", None)
+    return fused(x) if fused is not None else F.relu_(conv(x))
+
+
+def conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """relu(conv(x) + residual), residual shaped like conv(x); one fused kernel where the layer offers it
+    (`inference.optimize.OneDNNConv2d.add_relu_forward`)."""
+    fused = getattr(conv, "add_relu_forward", None)
+    return fused(x, residual) if fused is not None else F.relu_(conv(x) + residual)
+
+
+def linear_relu(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """relu(linear(x)) (..., in) -> (..., out); one fused kernel where the layer offers it
+    (`inference.optimize.OneDNNLinear.relu_forward`)."""
+    fused = getattr(linear, "relu_forward", None)
+    return fused(x) if fused is not None else F.relu(linear(x))
+
+
+def linear_add(linear: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x): x (..., in), residual (..., out) -> (..., out); one fused kernel where the layer
+    offers it (`inference.optimize.OneDNNLinear.add_forward`)."""
+    fused = getattr(linear, "add_forward", None)
+    return fused(x, residual) if fused is not None else residual + linear(x)
+
+
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with `groups` groups, reduced to a divisor of `channels` for small configs."""
     groups = math.gcd(groups, channels)

@@ -12,11 +12,20 @@ index assignment, which becomes ScatterND in ONNX), no data-dependent shapes, no
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mask2former.modeling.layers import MLP, Conv2d, PositionEmbeddingSine, c2_xavier_fill
+from mask2former.modeling.layers import (
+    MLP,
+    Conv2d,
+    PositionEmbeddingSine,
+    c2_xavier_fill,
+    linear_add,
+    linear_relu,
+)
 
 # Added to the attention scores of blocked pixels. Finite so it is representable in fp16 (min -65504) and
 # -inf never turns a row into NaN; far enough from the fp16 limit that score + MASK_VALUE cannot overflow;
@@ -49,19 +58,24 @@ def multi_head_attention(
     -> (B, Lq, C).
     """
     heads = attn.num_heads
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    # An optimised copy (inference.optimize.OneDNNMultiheadAttention) projects on prepacked weights.
+    project = getattr(attn, "in_projection", None) or functools.partial(_in_projection, attn)
 
     def split_heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, heads, L, C/heads)
         return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
-    q = split_heads(F.linear(query, w_q, b_q))
-    k = split_heads(F.linear(key, w_k, b_k))
-    v = split_heads(F.linear(value, w_v, b_v))
+    q = split_heads(project(query, 0))
+    k = split_heads(project(key, 1))
+    v = split_heads(project(value, 2))
     if attn_bias is not None:
         attn_bias = attn_bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # (B, heads, Lq, C/heads)
     return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def _in_projection(attn: nn.MultiheadAttention, x: torch.Tensor, index: int) -> torch.Tensor:
+    """Input projection `index` (0 query, 1 key, 2 value) of nn.MultiheadAttention: (B, L, C) -> (B, L, C)."""
+    return F.linear(x, attn.in_proj_weight.chunk(3)[index], attn.in_proj_bias.chunk(3)[index])
 
 
 def _xavier_init_matrices(module: nn.Module) -> None:
@@ -120,7 +134,7 @@ class FFNLayer(nn.Module):
 
     def forward(self, tgt: torch.Tensor) -> torch.Tensor:
         """tgt (B, Q, C) -> (B, Q, C)."""
-        return self.norm(tgt + self.linear2(F.relu(self.linear1(tgt))))
+        return self.norm(linear_add(self.linear2, linear_relu(self.linear1, tgt), tgt))
 
 
 class MultiScaleMaskedTransformerDecoder(nn.Module):
@@ -243,13 +257,16 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def _prepare_memory(
         self, multi_scale_features: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
-        """Per level: memory = input_proj(x) + level_embed (B, h*w, C), sine positions (B, h*w, C), (h, w)."""
+        """Per level: memory = input_proj(x) + level_embed (B, h*w, C), sine positions (B, h*w, C), (h, w).
+
+        Both contiguous: three layers per level project them, and each projection of a transposed view
+        would copy it first."""
         memories, positions, sizes = [], [], []
         for level, features in enumerate(multi_scale_features):
             sizes.append((features.shape[-2], features.shape[-1]))
-            positions.append(self.pe_layer(features).flatten(2).transpose(1, 2))
+            positions.append(self.pe_layer(features).flatten(2).transpose(1, 2).contiguous())
             memory = self.input_proj[level](features).flatten(2).transpose(1, 2)
-            memories.append(memory + self.level_embed.weight[level])
+            memories.append((memory + self.level_embed.weight[level]).contiguous())
         return memories, positions, sizes
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mask2former.modeling.layers import Conv2d, FrozenBatchNorm2d, c2_msra_fill
+from mask2former.modeling.layers import Conv2d, FrozenBatchNorm2d, c2_msra_fill, conv_add_relu, conv_relu
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -52,7 +52,7 @@ class BasicStem(nn.Module):
         self.conv1 = conv_frozen_bn(in_channels, out_channels, kernel_size=7, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu_(self.conv1(x))
+        x = conv_relu(self.conv1, x)
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
 
@@ -74,11 +74,9 @@ class BottleneckBlock(nn.Module):
         self.conv3 = conv_frozen_bn(bottleneck_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu_(self.conv1(x))
-        out = F.relu_(self.conv2(out))
-        out = self.conv3(out)
-        out = out + (x if self.shortcut is None else self.shortcut(x))
-        return F.relu_(out)
+        out = conv_relu(self.conv1, x)
+        out = conv_relu(self.conv2, out)
+        return conv_add_relu(self.conv3, out, x if self.shortcut is None else self.shortcut(x))
 
 
 class ResNet(nn.Module):
