@@ -65,7 +65,7 @@ def expected_sampling(value, reference, offsets, logits):
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_sampling_from_projection_equals_the_module_path(monkeypatch, chunk):
     if chunk is not None:  # several chunks per image
-        monkeypatch.setattr(deform_attn_fast, "SAMPLES_PER_CHUNK", chunk * 2 * 3 * 3)
+        monkeypatch.setattr(deform_attn_fast, "INFERENCE_SAMPLES_PER_CHUNK", chunk * 2 * 3 * 3)
     value, reference, offsets, logits = projection_inputs()
     got = deform_attn_fast.sample_from_projection(value, SHAPES, reference, planar(offsets, logits), 3)
     expected = expected_sampling(value, reference, offsets, logits)

@@ -35,6 +35,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # table (the value gradient's bag sums) stay cheap. A 1024x1024 image (21504 queries * 96) is one chunk.
 SAMPLES_PER_CHUNK = 1 << 21
 
+# Samples per chunk of the inference sampler (`sample_from_projection`): its ~20 elementwise passes then work
+# on ~256 KiB tensors that stay in cache (15% faster on R50's encoder at 800x1088 than one chunk per image);
+# still 32768 elements per thread for two intra-op threads.
+INFERENCE_SAMPLES_PER_CHUNK = 1 << 16
+
 # Corner rows gathered at once for the backward's dot products (16384 rows of D=32 floats = 2 MB, in cache).
 DOT_ROWS = 1 << 14
 
@@ -158,8 +163,10 @@ def corner_weights(fraction: torch.Tensor, attention: torch.Tensor, corner_dim: 
     return torch.stack((upper - top_right, top_right, lower - bottom_right, bottom_right), corner_dim)
 
 
-def _sample_chunks(num_queries: int, samples_per_query: int) -> list[tuple[int, int]]:
-    step = max(1, SAMPLES_PER_CHUNK // samples_per_query)
+def _sample_chunks(
+    num_queries: int, samples_per_query: int, samples_per_chunk: int | None = None
+) -> list[tuple[int, int]]:
+    step = max(1, (samples_per_chunk or SAMPLES_PER_CHUNK) // samples_per_query)
     return [(start, min(start + step, num_queries)) for start in range(0, num_queries, step)]
 
 
@@ -367,7 +374,7 @@ def sample_from_projection(
     corners_per_bag = levels * points * 4
     pieces = []  # (q * M, D) per image and chunk, in (b, q) order
     for b in range(batch):
-        for start, stop in _sample_chunks(num_queries, samples):
+        for start, stop in _sample_chunks(num_queries, samples, INFERENCE_SAMPLES_PER_CHUNK):
             count = stop - start
             chunk = projection[b, start:stop]
             # Pixel coordinate of each level's reference point, repeated over the points: (q, 1, L * P) per
