@@ -80,7 +80,7 @@ class _Layout:
             return table.expand(*shape, *table.shape[3:]).contiguous()
 
         self.size = per_sample([[w, h] for h, w in self.shapes], like.dtype)  # (M, L, P, 2) as (x, y)
-        self.axis_size = [self.size[..., axis].contiguous() for axis in (0, 1)]  # width, height (M, L, P)
+        self.plane_size = self.size.permute(3, 0, 1, 2).contiguous()  # (2, M, L, P): width, height planes
         self.lowest = like.new_tensor(-1.0)
         widths = [wp for _, wp in self.padded]
         self.row_stride = per_sample(widths, index)  # rows per padded image row
@@ -371,35 +371,33 @@ def sample_from_projection(
     layout = _Layout(spatial_shapes, batch, heads, points, value)
     table = layout.padded_table(value)
     level_size = value.new_tensor([[w, h] for h, w in layout.shapes])  # (L, 2) as (x, y)
-    corners_per_bag = levels * points * 4
-    pieces = []  # (q * M, D) per image and chunk, in (b, q) order
+    # Every (query, head) bag's corner rows and weights, filled chunk by chunk, then one embedding_bag.
+    indices = torch.empty(batch, num_queries, heads, 4, levels, points, dtype=layout.index_dtype)
+    weights = value.new_empty(batch, num_queries, heads, 4, levels, points)
     for b in range(batch):
         for start, stop in _sample_chunks(num_queries, samples, INFERENCE_SAMPLES_PER_CHUNK):
             count = stop - start
             chunk = projection[b, start:stop]
-            # Pixel coordinate of each level's reference point, repeated over the points: (q, 1, L * P) per
-            # axis, so the broadcast over heads adds runs of L * P (a (q, 1, L, 1) one is 2.5x slower).
-            base = (reference_points[b, start:stop] * level_size - 0.5).repeat_interleave(points, dim=1)
-            x, y = (
-                torch.add(
-                    chunk[:, axis * samples : (axis + 1) * samples].view(count, heads, levels * points),
-                    base[..., axis].view(count, 1, levels * points),
-                ).view(count, heads, levels, points)
-                for axis in (0, 1)
-            )
+            # Pixel coordinate of each level's reference point, repeated over the points: (q, 2, 1, L * P),
+            # so the broadcast over heads adds runs of L * P (a (q, 1, L, 1) one is 2.5x slower).
+            base = reference_points[b, start:stop] * level_size - 0.5  # (q, L, 2)
+            base = base.transpose(1, 2).repeat_interleave(points, dim=2).unsqueeze(2)
+            # x and y planes side by side: one pass of each op for both axes.
+            xy = torch.add(chunk[:, : 2 * samples].view(count, 2, heads, levels * points), base)
             attention = _softmax_groups(chunk[:, 2 * samples :].view(count, heads, levels * points))
-            rows = _rows_and_fractions(layout, x, y, b)
-            indices = rows.unsqueeze(2) + layout.bag_corner_shift  # (q, M, 4, L, P)
-            weights = _planar_corner_weights(x, y, attention.view(count, heads, levels, points))
-            pieces.append(
-                F.embedding_bag(
-                    indices.view(-1, corners_per_bag),
-                    table,
-                    mode="sum",
-                    per_sample_weights=weights.view(-1, corners_per_bag),
-                )
+            rows = _rows_and_fractions(layout, xy.view(count, 2, heads, levels, points), b)
+            torch.add(rows.unsqueeze(2), layout.bag_corner_shift, out=indices[b, start:stop])
+            x, y = xy.view(count, 2, heads, levels, points).unbind(1)  # now the fractions
+            _planar_corner_weights(
+                x, y, attention.view(count, heads, levels, points), out=weights[b, start:stop]
             )
-    output = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    corners_per_bag = levels * points * 4
+    output = F.embedding_bag(
+        indices.view(-1, corners_per_bag),
+        table,
+        mode="sum",
+        per_sample_weights=weights.view(-1, corners_per_bag),
+    )
     return output.view(batch, num_queries, heads * head_dim)
 
 
@@ -411,27 +409,27 @@ def _softmax_groups(logits: torch.Tensor) -> torch.Tensor:
     return weights.div_(weights.sum(-1, keepdim=True))
 
 
-def _rows_and_fractions(layout: _Layout, x: torch.Tensor, y: torch.Tensor, batch_index: int) -> torch.Tensor:
-    """Pixel coordinates x, y (q, M, L, P), which this overwrites with their fractions in [0, 1]
-    -> top-left table rows (q, M, L, P) in the layout's index dtype (as `_Layout.corners`)."""
-    corners = []
-    for coord, axis in ((x, 0), (y, 1)):
-        coord.nan_to_num_(nan=-1.0)  # a NaN would give a garbage row: send it to the padding
-        coord.clamp_(min=layout.lowest, max=layout.axis_size[axis])
-        corner = coord.floor()
-        coord.sub_(corner)
-        corners.append(corner.to(layout.index_dtype))
-    rows = corners[1].mul_(layout.row_stride)
-    rows += corners[0]
+def _rows_and_fractions(layout: _Layout, xy: torch.Tensor, batch_index: int) -> torch.Tensor:
+    """Pixel coordinates xy (q, 2, M, L, P) as x and y planes, which this overwrites with their fractions
+    in [0, 1] -> top-left table rows (q, M, L, P) in the layout's index dtype (as `_Layout.corners`)."""
+    xy.nan_to_num_(nan=-1.0)  # a NaN would give a garbage row: send it to the padding
+    xy.clamp_(min=layout.lowest, max=layout.plane_size)
+    corner = xy.floor()
+    xy.sub_(corner)
+    corner = corner.to(layout.index_dtype)
+    rows = corner[:, 1] * layout.row_stride
+    rows += corner[:, 0]
     rows += layout.origin + batch_index * layout.heads * layout.tokens
     return rows
 
 
-def _planar_corner_weights(fx: torch.Tensor, fy: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """Bilinear times attention weight of the four corners: fractions fx, fy and attention (q, M, L, P)
-    -> (q, M, 4, L, P) as top-left, top-right, bottom-left, bottom-right (`corner_weights`' order)."""
-    count, heads, levels, points = attention.shape
-    weights = attention.new_empty(count, heads, 4, levels, points)
+def _planar_corner_weights(
+    fx: torch.Tensor, fy: torch.Tensor, attention: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Bilinear times attention weight of the four corners: fractions fx, fy and attention (q, M, L, P),
+    which this overwrites -> out (q, M, 4, L, P) as top-left, top-right, bottom-left, bottom-right
+    (`corner_weights`' order)."""
+    weights = out
     lower = attention * fy  # weight of the lower row y0 + 1
     upper = attention.sub_(lower)
     torch.mul(upper, fx, out=weights[:, :, 1])
