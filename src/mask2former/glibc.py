@@ -41,14 +41,25 @@ def keep_freed_memory() -> bool:
     MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are left alone. True when glibc took the settings,
     False where it is not the allocator (nothing changed).
     """
+    return set_malloc_options(
+        [
+            (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", REUSE_MMAP_THRESHOLD),
+            (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", REUSE_TRIM_THRESHOLD),
+        ]
+    )
+
+
+def set_malloc_options(options: list[tuple[int, str, int]]) -> bool:
+    """mallopt(parameter, value) for each (parameter, environment variable, value), except where the user
+    set that variable (glibc read it at start). True when glibc took them all; False where glibc is not
+    the allocator (nothing changed)."""
     import os
 
     mallopt = libc_function("mallopt")
-    if mallopt is None:
+    if mallopt is None:  # not glibc (musl, macOS): nothing to tune
         return False
     ok = True
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        ok &= mallopt(M_MMAP_THRESHOLD, REUSE_MMAP_THRESHOLD) == 1
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        ok &= mallopt(M_TRIM_THRESHOLD, REUSE_TRIM_THRESHOLD) == 1
+    for parameter, variable, value in options:
+        if variable not in os.environ:
+            ok &= mallopt(parameter, value) == 1
     return bool(ok)

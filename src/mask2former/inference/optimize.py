@@ -81,10 +81,14 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN's prepacked kernels have no backward and no export: inference on CPU, input and weight in the
     same float32 / bfloat16 / float16 dtype."""
+    return current_kernels().onednn and x.dtype == weight.dtype and _eager_cpu_inference(x)
+
+
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """x is a float32 / bfloat16 / float16 CPU tensor in eager no-grad code (no tracing, export or compile):
+    where the inference-only kernels of this module apply."""
     return (
-        current_kernels().onednn
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype
+        x.device.type == "cpu"
         and x.dtype in _ONEDNN_DTYPES
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
@@ -273,16 +277,7 @@ def _packed_merged(module: FastMSDeformAttn, weight: torch.Tensor) -> torch.Tens
 def _fast_sampling(query: torch.Tensor) -> bool:
     """FastMSDeformAttn's own path applies: CPU inference in float32 / bf16 / fp16, eager, with the
     "auto" or "fast" deformable-attention kernel."""
-    return (
-        current_kernels().deform_attn in ("auto", "fast")
-        and query.device.type == "cpu"
-        and query.dtype in _ONEDNN_DTYPES
-        and not torch.is_grad_enabled()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.compiler.is_compiling()
-    )
+    return current_kernels().deform_attn in ("auto", "fast") and _eager_cpu_inference(query)
 
 
 # nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear: an nn.Linear in all but name.

@@ -10,11 +10,10 @@ Freed small blocks still keep their pages until the heap is trimmed: `HeapTrimme
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
-from mask2former.glibc import M_ARENA_MAX, M_MMAP_THRESHOLD, libc_function
+from mask2former.glibc import M_ARENA_MAX, M_MMAP_THRESHOLD, libc_function, set_malloc_options
 
 MMAP_THRESHOLD_BYTES = 256 * 1024
 ARENA_MAX = 2
@@ -22,15 +21,12 @@ ARENA_MAX = 2
 
 def limit_heap_growth() -> bool:
     """Apply the two malloc settings; True when glibc accepted them."""
-    mallopt = libc_function("mallopt")
-    if mallopt is None:  # not glibc (musl, macOS): nothing to tune
-        return False
-    ok = True
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        ok &= mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        ok &= mallopt(M_ARENA_MAX, ARENA_MAX) == 1
-    return bool(ok)
+    return set_malloc_options(
+        [
+            (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD_BYTES),
+            (M_ARENA_MAX, "MALLOC_ARENA_MAX", ARENA_MAX),
+        ]
+    )
 
 
 class HeapTrimmer:
