@@ -209,6 +209,13 @@ PANOPTIC_ERRORS = {
         ),
         "pred/a.png (image_id 1, segments_info in pred.json): segment id 4 has category_id 99, unknown",
     ),
+    "segment id twice in a prediction (hotcoco would take it)": (
+        lambda r: _break_json(
+            r / "pred.json",
+            lambda o: o["annotations"][1]["segments_info"].append({"id": 4, "category_id": 7}),
+        ),
+        "pred.json: image_id 2: segment id 4 appears twice",
+    ),
     "no prediction for an image": (
         lambda r: _break_json(r / "pred.json", lambda o: o["annotations"].pop(1)),
         "pred.json: no prediction for image_id 2",

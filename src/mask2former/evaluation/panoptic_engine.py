@@ -84,10 +84,13 @@ def hotcoco_totals(
             if str(gt_json) not in message and str(pred_json) not in message:  # not about the JSON files
                 keys = {image.image_id: i for i, image in enumerate(images)}
                 raise _named(error, images, keys, paths) from None
-    gt = {"annotations": [{**image.gt, "image_id": i} for i, image in enumerate(images)]}
+    gt = {
+        "annotations": [{**image.gt, "image_id": i} for i, image in enumerate(images)],
+        "categories": categories,
+    }
     pred = {"annotations": [{**image.pred, "image_id": i} for i, image in enumerate(images)]}
     try:
-        return _run(panoptic, {**gt, "categories": categories}, pred, gt_dir, pred_dir)
+        return _run(panoptic, gt, pred, gt_dir, pred_dir)
     except (ValueError, OSError) as error:
         raise _named(error, images, {i: i for i in range(len(images))}, paths) from None
 
