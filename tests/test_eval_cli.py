@@ -209,6 +209,13 @@ PANOPTIC_ERRORS = {
         ),
         "pred/a.png (image_id 1, segments_info in pred.json): segment id 4 has category_id 99, unknown",
     ),
+    "segment id twice in a prediction (hotcoco would take it)": (
+        lambda r: _break_json(
+            r / "pred.json",
+            lambda o: o["annotations"][1]["segments_info"].append({"id": 4, "category_id": 7}),
+        ),
+        "pred.json: image_id 2: segment id 4 appears twice",
+    ),
     "no prediction for an image": (
         lambda r: _break_json(r / "pred.json", lambda o: o["annotations"].pop(1)),
         "pred.json: no prediction for image_id 2",
@@ -220,10 +227,23 @@ PANOPTIC_ERRORS = {
 def test_panoptic_errors_are_one_line_naming_the_file_and_id(panoptic, capsys, case):
     breaking, expected = PANOPTIC_ERRORS[case]
     breaking(panoptic)
-    assert main(panoptic_args(panoptic)) == 2
+    # The ground truth's JSON-vs-PNG check is the reference engine's; hotcoco (auto) follows panopticapi.
+    engine = ["--engine", "reference"] if case.startswith("ground-truth PNG") else []
+    assert main(panoptic_args(panoptic) + engine) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("mask2former eval: error: ")
     assert expected in error
+
+
+def test_ground_truth_that_disagrees_with_its_png_is_scored_by_hotcoco_as_panopticapi(panoptic, capsys):
+    _break_json(panoptic / "gt.json", lambda o: o["annotations"][0]["segments_info"].pop(1))  # sky unlisted
+    assert main([*panoptic_args(panoptic), "--engine", "hotcoco", "--out", str(panoptic / "out")]) == 0
+    metrics = json.loads((panoptic / "out" / "metrics.json").read_text())
+    # Image a's sky id is no longer listed: panopticapi skips it when matching and it is not VOID, so image
+    # a's predicted sky is a false positive; image b's sky still matches.
+    assert (metrics["per_class"]["7"]["TP"], metrics["per_class"]["7"]["FP"]) == (1, 1)
+    assert main([*panoptic_args(panoptic), "--engine", "reference"]) == 2
+    assert "segment id 65541 is in the id map but not in segments_info" in capsys.readouterr().err
 
 
 def test_semantic_label_out_of_range_and_missing_prediction(tmp_path, capsys):

@@ -8,6 +8,8 @@ import contextlib
 import copy
 import io
 import json
+import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -184,9 +186,10 @@ def test_polygon_results_without_pycocotools(monkeypatch):
 # ------------------------------------------------------------------ PQ from files
 
 
-def write_panoptic_case(root: Path, seed: int = 0) -> list[tuple]:
+def write_panoptic_case(root: Path, seed: int = 0, areas: bool = False) -> list[tuple]:
     """Random scenes (crowds, VOID, unmatched segments, several categories) plus an all-VOID image without
-    segments and one whose prediction is all VOID, written as COCO panoptic files; returns the scenes."""
+    segments and one whose prediction is all VOID, written as COCO panoptic files; returns the scenes.
+    areas: the ground truth lists each segment's pixel count as "area", as COCO's files do."""
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(12)]
     empty = np.zeros((24, 32), dtype=np.int32)
@@ -199,6 +202,8 @@ def write_panoptic_case(root: Path, seed: int = 0) -> list[tuple]:
     for i, (pred_map, pred_segments, gt_map, gt_segments) in enumerate(scenes):
         fileio.write_panoptic_png(root / "gt" / f"{i}.png", gt_map)
         fileio.write_panoptic_png(root / "pred" / f"{i}.png", pred_map)
+        if areas:
+            gt_segments = [{**s, "area": int((gt_map == s["id"]).sum())} for s in gt_segments]
         listed["gt"].append({"image_id": i, "file_name": f"{i}.png", "segments_info": gt_segments})
         listed["pred"].append({"image_id": i, "file_name": f"{i}.png", "segments_info": pred_segments})
     for name in ("gt", "pred"):
@@ -207,46 +212,222 @@ def write_panoptic_case(root: Path, seed: int = 0) -> list[tuple]:
     return scenes
 
 
-def score_files(root: Path, workers: int | None) -> dict:
+def edit_json(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def score_files(root: Path, workers: int | None, engine: str = "reference") -> dict:
     return evaluate_panoptic_files(
-        root / "pred.json", root / "pred", root / "gt.json", root / "gt", workers=workers
+        root / "pred.json", root / "pred", root / "gt.json", root / "gt", workers=workers, engine=engine
     )
+
+
+def assert_panopticapi_statistics(metrics: dict, scenes: list[tuple]) -> None:
+    """TP/FP/FN of every category equal to the panopticapi rules (test_eval_panoptic.reference_stats);
+    PQ/SQ/RQ per category and per group to 1e-9 (engines add the IoUs in different orders)."""
+    reference = reference_stats(scenes, CATEGORIES)
+    evaluated = {}
+    for category in CATEGORIES:
+        tp, fp, fn, iou = reference[category["id"]]
+        row = metrics["per_class"][str(category["id"])]
+        assert (row["TP"], row["FP"], row["FN"]) == (tp, fp, fn), category
+        if tp + fp + fn:
+            evaluated[category["id"]] = (
+                100 * iou / (tp + 0.5 * fp + 0.5 * fn),
+                100 * iou / tp if tp else 0.0,
+                100 * tp / (tp + 0.5 * fp + 0.5 * fn),
+            )
+        for key, value in zip(("PQ", "SQ", "RQ"), evaluated.get(category["id"], (0.0,) * 3), strict=True):
+            assert row[key] == pytest.approx(value, rel=0, abs=1e-9), (category, key)
+    for suffix, isthing in (("", None), ("_th", 1), ("_st", 0)):
+        group = [
+            v for c, v in evaluated.items() if isthing is None or CATEGORIES_BY_ID[c]["isthing"] == isthing
+        ]
+        assert metrics["n" + suffix] == len(group)
+        for k, key in enumerate(("PQ", "SQ", "RQ")):
+            expected = sum(v[k] for v in group) / len(group) if group else float("nan")
+            assert metrics[key + suffix] == pytest.approx(expected, rel=0, abs=1e-9, nan_ok=True), (
+                key + suffix
+            )
+    assert metrics["images"] == len(scenes)
+
+
+CATEGORIES_BY_ID = {c["id"]: c for c in CATEGORIES}
+
+
+def assert_same_metrics(ours: dict, theirs: dict) -> None:
+    """The same dict: keys, counts and names equal, floats to 1e-9, NaN in the same places."""
+    assert set(ours) == set(theirs)
+    for key, value in ours.items():
+        if isinstance(value, dict):
+            assert_same_metrics(value, theirs[key])
+        elif isinstance(value, float):
+            assert value == pytest.approx(theirs[key], rel=0, abs=1e-9, nan_ok=True), key
+        else:
+            assert value == theirs[key], key
+
+
+@pytest.mark.parametrize("engine", ["hotcoco", "reference"])
+@pytest.mark.parametrize("seed, areas", [(0, False), (1, False), (2, True)])
+def test_each_pq_engine_gives_the_panopticapi_statistics(tmp_path, engine, seed, areas):
+    scenes = write_panoptic_case(tmp_path, seed, areas)
+    metrics = score_files(tmp_path, 2, engine)
+    assert_panopticapi_statistics(metrics, scenes)
+    reference = reference_stats(scenes, CATEGORIES)
+    assert all(sum(s[k] for s in reference.values()) for k in range(3))  # tp, fp and fn all occur
+    assert any(s.get("iscrowd") for scene in scenes for s in scene[3])  # crowd regions too
+    other = score_files(tmp_path, 1, "reference" if engine == "hotcoco" else "hotcoco")
+    assert_same_metrics(metrics, other)  # one compute(): the same dict from both engines
+
+
+def test_pq_engines_agree_where_a_group_has_no_category(tmp_path):
+    def things_only(segments):
+        return [{**s, "category_id": 1 if s["category_id"] == 7 else s["category_id"]} for s in segments]
+
+    def relabel(obj):
+        for annotation in obj["annotations"]:
+            annotation["segments_info"] = things_only(annotation["segments_info"])
+
+    scenes = write_panoptic_case(tmp_path, seed=5)
+    for name in ("gt.json", "pred.json"):
+        edit_json(tmp_path / name, relabel)
+    scenes = [(p, things_only(ps), g, things_only(gs)) for p, ps, g, gs in scenes]
+    hotcoco, reference = score_files(tmp_path, 2, "hotcoco"), score_files(tmp_path, 2, "reference")
+    assert hotcoco["n_st"] == 0 and np.isnan(hotcoco["PQ_st"]) and hotcoco["per_class"]["7"]["PQ"] == 0.0
+    assert_panopticapi_statistics(hotcoco, scenes)
+    assert_same_metrics(hotcoco, reference)
+
+
+def _without_image_ids(root: Path) -> None:  # predictions paired by PNG name
+    edit_json(root / "pred.json", lambda o: [a.pop("image_id") for a in o["annotations"]])
+
+
+def _named_image_ids(root: Path) -> None:  # COCO allows string ids; hotcoco's reader does not
+    for name in ("gt.json", "pred.json"):
+        edit_json(root / name, lambda o: [a.update(image_id=f"img{a['image_id']}") for a in o["annotations"]])
+
+
+def _licenses_hotcoco_cannot_parse(root: Path) -> None:  # a field we never read
+    edit_json(root / "pred.json", lambda o: o.update(licenses=[1]))
+
+
+@pytest.mark.parametrize("change", [_without_image_ids, _named_image_ids, _licenses_hotcoco_cannot_parse])
+def test_hotcoco_gets_the_files_by_path_or_the_images_we_paired(tmp_path, monkeypatch, change):
+    import hotcoco.panoptic
+
+    write_panoptic_case(tmp_path, seed=3)
+    given = []
+    real = hotcoco.panoptic.PanopticEval
+
+    def spy(gt, pred, **folders):
+        given.append((type(gt).__name__, type(pred).__name__))
+        return real(gt, pred, **folders)
+
+    monkeypatch.setattr(hotcoco.panoptic, "PanopticEval", spy)
+    expected = json.dumps(score_files(tmp_path, None, "hotcoco"))
+    assert given == [("str", "str")]  # integer ids, paired by image_id: hotcoco reads the files itself
+    change(tmp_path)
+    given.clear()
+    assert json.dumps(score_files(tmp_path, None, "hotcoco")) == expected
+    assert given[-1] == ("dict", "dict")  # our pairs, image ids replaced by positions
+
+
+IMAGE_3 = "{r}/pred/3.png (image_id 3, segments_info in pred.json; ground truth {r}/gt/3.png): "
+HOTCOCO_ERRORS = {
+    "PNG id not in JSON": (
+        lambda r: edit_json(r / "pred.json", lambda o: o["annotations"][3]["segments_info"].pop(0)),
+        IMAGE_3 + "predicted segment",
+        "is in the PNG but not in segments_info",
+    ),
+    "JSON id not in PNG": (
+        lambda r: edit_json(
+            r / "pred.json",
+            lambda o: o["annotations"][3]["segments_info"].append({"id": 77777, "category_id": 1}),
+        ),
+        IMAGE_3 + "predicted segment",
+        "77777 is in segments_info but not in",
+    ),
+    "shape mismatch": (
+        lambda r: fileio.write_panoptic_png(r / "pred" / "3.png", np.zeros((5, 32), dtype=np.int32)),
+        IMAGE_3,
+        "the prediction is 5",
+    ),
+    "missing PNG": (
+        lambda r: (r / "pred" / "3.png").unlink(),
+        "{r}/pred/3.png (image_id 3): ",
+        "cannot open",
+    ),
+    "truncated PNG": (
+        lambda r: (r / "pred" / "3.png").write_bytes((r / "pred" / "3.png").read_bytes()[:60]),
+        "{r}/pred/3.png (image_id 3): ",
+        "cannot decode",
+    ),
+    "missing ground-truth PNG": (
+        lambda r: (r / "gt" / "5.png").unlink(),
+        "{r}/gt/5.png (image_id 5): ",
+        "open",
+    ),
+    "ground truth hotcoco cannot parse": (
+        lambda r: edit_json(
+            r / "gt.json", lambda o: o["annotations"][2]["segments_info"][0].update(area=3.5)
+        ),
+        "{r}/gt.json: hotcoco cannot read it",
+        "3.5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOTCOCO_ERRORS))
+def test_hotcoco_errors_are_one_line_naming_the_files(tmp_path, case):
+    write_panoptic_case(tmp_path, seed=6)
+    breaking, prefix, detail = HOTCOCO_ERRORS[case]
+    breaking(tmp_path)
+    with pytest.raises(EvaluationError) as caught:
+        score_files(tmp_path, 2, "hotcoco")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(prefix.format(r=tmp_path)) and detail in message
+    if (
+        case == "ground truth hotcoco cannot parse"
+    ):  # auto takes our engine, which reads the areas off the PNG
+        assert_same_metrics(score_files(tmp_path, 2, "auto"), score_files(tmp_path, 2, "reference"))
+    else:  # auto: our engine names the problem in its own words
+        with pytest.raises(EvaluationError) as ours:
+            score_files(tmp_path, 2, "auto")
+        assert str(ours.value) != message and str(tmp_path) in str(ours.value)
+
+
+def test_pq_auto_takes_hotcoco_else_the_reference_engine(tmp_path, monkeypatch):
+    from mask2former.evaluation import panoptic_engine
+
+    write_panoptic_case(tmp_path, seed=4)
+    calls = []
+    real = panoptic_engine.hotcoco_totals
+    monkeypatch.setattr(panoptic_engine, "hotcoco_totals", lambda *args: calls.append(1) or real(*args))
+    assert json.dumps(score_files(tmp_path, 2, "auto")) == json.dumps(score_files(tmp_path, 2, "hotcoco"))
+    assert len(calls) == 2
+    monkeypatch.setitem(sys.modules, "hotcoco", None)  # as if not installed
+    assert panoptic_engine.resolve_engine("auto") == "reference"
+    assert json.dumps(score_files(tmp_path, 2, "auto")) == json.dumps(score_files(tmp_path, 2, "reference"))
+    assert len(calls) == 2
+    with pytest.raises(ModuleNotFoundError, match=r"PQ through hotcoco needs hotcoco: pip install"):
+        score_files(tmp_path, 2, "hotcoco")
+    with pytest.raises(ValueError, match="engine 'fast'"):
+        score_files(tmp_path, 2, "fast")
 
 
 def test_pq_from_files_with_any_reader_and_thread_count_gives_the_panopticapi_statistics(
     tmp_path, monkeypatch
 ):
     scenes = write_panoptic_case(tmp_path)
-    reference = reference_stats(scenes, CATEGORIES)
-    assert sum(s[1] for s in reference.values()) and sum(s[2] for s in reference.values())  # fp and fn occur
     runs = {f"imagecodecs, {n} threads": score_files(tmp_path, n) for n in (1, 3)}
     monkeypatch.setattr(fileio, "decode_rgb8_png", lambda path, out=None: None)  # the PIL reader
     runs["PIL, 2 threads"] = score_files(tmp_path, 2)
-    for name, metrics in runs.items():
-        for category in CATEGORIES:
-            tp, fp, fn, iou = reference[category["id"]]
-            row = metrics["per_class"][str(category["id"])]
-            assert (row["TP"], row["FP"], row["FN"]) == (tp, fp, fn), (name, category)
-        assert metrics["images"] == len(scenes)
+    for metrics in runs.values():
+        assert_panopticapi_statistics(metrics, scenes)
     first = json.dumps(runs.pop("imagecodecs, 1 threads"))
     assert all(json.dumps(metrics) == first for metrics in runs.values())  # bit for bit
-
-
-def test_pq_from_files_equals_hotcoco(tmp_path):
-    hotcoco_panoptic = pytest.importorskip("hotcoco.panoptic")
-    write_panoptic_case(tmp_path, seed=1)
-    ours = score_files(tmp_path, 2)
-    with contextlib.redirect_stdout(io.StringIO()):
-        theirs = hotcoco_panoptic.pq_compute(
-            str(tmp_path / "gt.json"),
-            str(tmp_path / "pred.json"),
-            str(tmp_path / "gt"),
-            str(tmp_path / "pred"),
-        )
-    for category_id, row in theirs["per_class"].items():
-        mine = ours["per_class"][str(category_id)]
-        assert (mine["TP"], mine["FP"], mine["FN"]) == (row["tp"], row["fp"], row["fn"])
-    assert ours["PQ"] == pytest.approx(100 * theirs["All"]["pq"], rel=1e-12, abs=1e-12)
 
 
 def test_errors_surface_in_image_order_with_threads(tmp_path):
@@ -375,8 +556,9 @@ def test_scoring_overlapped_with_inference_gives_the_same_figures():
         evaluate_predictor(_FakePredictor(scenes), dataset, "panoptic", progress=False)
 
 
-def test_cli_workers_and_engine_flags(tmp_path, capsys):
+def test_cli_workers_and_engine_flags(tmp_path, capsys, monkeypatch):
     from mask2former.cli import main
+    from mask2former.evaluation import panoptic_engine
 
     write_panoptic_case(tmp_path)
     args = ["eval", "--task", "panoptic", "--no-progress"]
@@ -385,17 +567,54 @@ def test_cli_workers_and_engine_flags(tmp_path, capsys):
     args += ["--gt-dir", str(tmp_path / "gt")]
     assert main([*args, "--workers", "0"]) == 2
     assert "--workers 0: must be at least 1" in capsys.readouterr().err
-    assert main([*args, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
-    assert main([*args, "--workers", "1", "--out", str(tmp_path / "one")]) == 0
+    reference = [*args, "--engine", "reference"]
+    assert main([*reference, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
+    assert main([*reference, "--workers", "1", "--out", str(tmp_path / "one")]) == 0
     assert (tmp_path / "two" / "metrics.json").read_text() == (tmp_path / "one" / "metrics.json").read_text()
+    # hotcoco's threads: --workers sets RAYON_NUM_THREADS while it runs, and puts it back.
+    seen = []
+    real = panoptic_engine.hotcoco_totals
+    monkeypatch.setattr(
+        panoptic_engine,
+        "hotcoco_totals",
+        lambda *a: seen.append(os.environ.get("RAYON_NUM_THREADS")) or real(*a),
+    )
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    assert main([*args, "--engine", "hotcoco", "--workers", "3", "--out", str(tmp_path / "hotcoco")]) == 0
+    assert seen == ["3"] and "RAYON_NUM_THREADS" not in os.environ
+    hotcoco = json.loads((tmp_path / "hotcoco" / "metrics.json").read_text())
+    assert_same_metrics(hotcoco, json.loads((tmp_path / "one" / "metrics.json").read_text()))
     gt, results = instance_case(6)
     (tmp_path / "instances.json").write_text(json.dumps(gt))
     (tmp_path / "results.json").write_text(json.dumps(results))
     instance = ["eval", "--task", "instance", "--gt-json", str(tmp_path / "instances.json")]
     instance += ["--pred-json", str(tmp_path / "results.json")]
-    for engine in ("hotcoco", "pycocotools"):
-        assert main([*instance, "--engine", engine, "--out", str(tmp_path / engine)]) == 0
+    for engine in ("hotcoco", "reference"):  # reference: pycocotools
+        assert main([*instance, "--engine", engine, "--out", str(tmp_path / f"ap-{engine}")]) == 0
+    with pytest.raises(SystemExit):  # one spelling for both tasks
+        main([*instance, "--engine", "pycocotools"])
     capsys.readouterr()
-    assert (tmp_path / "hotcoco" / "metrics.json").read_text() == (
-        tmp_path / "pycocotools" / "metrics.json"
+    assert (tmp_path / "ap-hotcoco" / "metrics.json").read_text() == (
+        tmp_path / "ap-reference" / "metrics.json"
     ).read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_workers_size_hotcocos_thread_pool(tmp_path):
+    write_panoptic_case(tmp_path)
+    script = (
+        "import os, sys, hotcoco.panoptic\n"
+        "from mask2former.cli import main\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "assert main(sys.argv[1:]) == 0\n"
+        "print('threads added', len(os.listdir('/proc/self/task')) - before)\n"
+    )
+    args = ["eval", "--task", "panoptic", "--no-progress", "--engine", "hotcoco", "--workers", "3"]
+    for flag, name in (("--pred-json", "pred.json"), ("--pred-dir", "pred"), ("--gt-json", "gt.json")):
+        args += [flag, str(tmp_path / name)]
+    args += ["--gt-dir", str(tmp_path / "gt")]
+    env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "threads added 3"  # rayon's pool, made on first use

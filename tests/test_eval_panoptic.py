@@ -164,6 +164,22 @@ def test_merge_of_two_shards_equals_one_pass():
     assert first.compute()["PQ"] == pytest.approx(whole.compute()["PQ"], rel=1e-12)
 
 
+def test_totals_of_another_engine_give_the_same_compute():
+    rng = np.random.default_rng(3)
+    images = [random_scene(rng) for _ in range(10)]
+    whole = evaluate(images)
+    totals = {
+        int(c): (whole.tp[i], whole.fp[i], whole.fn[i], whole.iou[i])
+        for i, c in enumerate(whole.category_ids)
+        if c != 9  # a category left out adds nothing
+    }
+    other = PanopticEvaluator(CATEGORIES)
+    other.add_totals(totals, images=10)
+    assert repr(other.compute()) == repr(whole.compute())  # repr: NaN == NaN
+    with pytest.raises(ValueError, match="category id 5 is not one"):
+        other.add_totals({5: (1, 0, 0, 1.0)}, images=1)
+
+
 def test_ids_beyond_int32_give_the_same_result():
     rng = np.random.default_rng(2)
     images = [random_scene(rng) for _ in range(10)]

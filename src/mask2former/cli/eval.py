@@ -4,6 +4,7 @@ From files (no model):
   --task panoptic --pred-json P.json --pred-dir P/ --gt-json G.json --gt-dir G/
   --task semantic --pred-dir P/ --gt-dir G/ --num-classes N [--ignore-label 255]
   --task instance --pred-json P.json --gt-json G.json
+  [--engine auto|hotcoco|reference] [--workers N]: the code computing PQ and mask AP (same figures)
 From a model over a dataset: --weights W --data DIR --task ...
 
 Prints a table and, with --out DIR, writes DIR/metrics.json (NaN written as null).
@@ -12,6 +13,7 @@ Prints a table and, with --out DIR, writes DIR/metrics.json (NaN written as null
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -20,6 +22,8 @@ from typing import Any
 
 from mask2former.cli import DEVICE_HELP, UserError, example
 from mask2former.cli.predict import add_dtype_argument, add_scale_arguments, apply_scale_arguments
+
+ENGINES = ("auto", "hotcoco", "reference")
 
 _FILE_ARGUMENTS = {
     "panoptic": ("pred_json", "pred_dir", "gt_json", "gt_dir"),
@@ -54,13 +58,22 @@ def register(subparsers) -> None:
         "--ignore-label", type=int, default=255, help="semantic: label not scored (default 255)"
     )
     files.add_argument(
-        "--workers", type=int, help="threads reading and scoring PNGs (default: the cores, at most 8)"
+        "--workers",
+        type=int,
+        help="threads scoring the files: our PNG readers' (default: the cores, at most 8) or hotcoco's "
+        "(it sizes its pool from RAYON_NUM_THREADS, which this sets; default: every core); pycocotools "
+        "runs on one",
     )
     files.add_argument(
         "--engine",
-        choices=["auto", "hotcoco", "pycocotools"],
+        choices=ENGINES,
         default="auto",
-        help="instance: the COCOeval computing mask AP (auto: hotcoco if installed; same figures)",
+        help="panoptic and instance: the code computing PQ and mask AP, the same figures from each. auto: "
+        "hotcoco if installed (files it refuses go to reference), else reference; hotcoco (Rust); "
+        "reference: our own code for PQ (panopticapi's rules) and pycocotools' COCOeval for mask AP. Only "
+        "reference PQ refuses a ground-truth JSON that disagrees with its PNGs; hotcoco follows panopticapi "
+        "there (a listed segment missing from the PNG is a false negative, an unlisted id is ignored, areas "
+        "come from the JSON)",
     )
     model = parser.add_argument_group("model over a dataset")
     model.add_argument("--weights", help="checkpoint to run (see `mask2former predict --help`)")
@@ -79,9 +92,8 @@ def register(subparsers) -> None:
 
 def evaluate_files(args: argparse.Namespace) -> dict:
     """Metrics of prediction files named by the --pred-* / --gt-* arguments."""
-    from mask2former import limits
-    from mask2former.cli.checks import AT_LEAST_1, check_limit, check_number
-    from mask2former.evaluation import EvaluationError, files
+    from mask2former.cli.checks import AT_LEAST_1, check_number
+    from mask2former.evaluation import EvaluationError
 
     missing = [name for name in _FILE_ARGUMENTS[args.task] if getattr(args, name) is None]
     if missing:
@@ -90,34 +102,60 @@ def evaluate_files(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     check_number("--workers", args.workers, AT_LEAST_1)
     try:
-        if args.task == "panoptic":
-            return files.evaluate_panoptic_files(
-                args.pred_json, args.pred_dir, args.gt_json, args.gt_dir, progress, args.workers
-            )
-        if args.task == "semantic":
-            check_number("--num-classes", args.num_classes, AT_LEAST_1)
-            check_limit(limits.CLASSES, args.num_classes, f"--num-classes {args.num_classes}")
-            if 0 <= args.ignore_label < args.num_classes:
-                raise UserError(
-                    f"--ignore-label {args.ignore_label} is a class index (--num-classes {args.num_classes})"
-                )
-            return files.evaluate_semantic_files(
-                args.pred_dir,
-                args.gt_dir,
-                args.num_classes,
-                args.ignore_label,
-                progress=progress,
-                workers=args.workers,
-            )
-        return files.evaluate_instance_files(
-            args.pred_json, args.gt_json, verbose=args.verbose, engine=args.engine
-        )
+        with _hotcoco_threads(args.workers):
+            return _score_files(args, progress)
     except EvaluationError as error:
         raise UserError(str(error)) from None
     except ModuleNotFoundError as error:
-        if "mask AP needs" not in str(error):
+        if "mask2former[eval]" not in str(error):  # our install hint, not a broken installation
             raise
-        raise UserError(str(error)) from None
+        raise UserError(f"--engine {args.engine}: {error}") from None
+
+
+def _score_files(args: argparse.Namespace, progress: bool) -> dict:
+    from mask2former import limits
+    from mask2former.cli.checks import AT_LEAST_1, check_limit, check_number
+    from mask2former.evaluation import files
+
+    if args.task == "panoptic":
+        return files.evaluate_panoptic_files(
+            args.pred_json, args.pred_dir, args.gt_json, args.gt_dir, progress, args.workers, args.engine
+        )
+    if args.task == "semantic":
+        check_number("--num-classes", args.num_classes, AT_LEAST_1)
+        check_limit(limits.CLASSES, args.num_classes, f"--num-classes {args.num_classes}")
+        if 0 <= args.ignore_label < args.num_classes:
+            raise UserError(
+                f"--ignore-label {args.ignore_label} is a class index (--num-classes {args.num_classes})"
+            )
+        return files.evaluate_semantic_files(
+            args.pred_dir,
+            args.gt_dir,
+            args.num_classes,
+            args.ignore_label,
+            progress=progress,
+            workers=args.workers,
+        )
+    engine = "pycocotools" if args.engine == "reference" else args.engine
+    return files.evaluate_instance_files(args.pred_json, args.gt_json, verbose=args.verbose, engine=engine)
+
+
+@contextlib.contextmanager
+def _hotcoco_threads(workers: int | None):
+    """hotcoco's threads are rayon's global pool, sized by RAYON_NUM_THREADS when a process first uses it
+    (once: in a CLI run, this one); the variable is put back afterwards."""
+    if workers is None:
+        yield
+        return
+    before = os.environ.get("RAYON_NUM_THREADS")
+    os.environ["RAYON_NUM_THREADS"] = str(workers)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAYON_NUM_THREADS"]
+        else:
+            os.environ["RAYON_NUM_THREADS"] = before
 
 
 def _number(value: Any) -> str:

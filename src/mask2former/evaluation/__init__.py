@@ -1,5 +1,6 @@
 """Evaluation that agrees with the reference tools: mIoU (detectron2's SemSegEvaluator), PQ (panopticapi's
-pq_compute) and mask AP (pycocotools' COCOeval, computed by hotcoco when installed: coco_engine.py).
+pq_compute; from files, computed by hotcoco when installed: panoptic_engine.py) and mask AP (pycocotools'
+COCOeval, computed by hotcoco when installed: coco_engine.py).
 
 Every evaluator is an accumulator: `update(...)` per image, `merge(other)` to combine shards evaluated in
 other processes, `compute() -> dict` of metrics in percent. `files` scores prediction files on disk, on

@@ -1,9 +1,12 @@
 """Score prediction files that already exist (no model): COCO panoptic, semantic label PNGs, COCO results.
 
 Every problem with a file is an EvaluationError whose one-line message names the file and the image or
-segment id. The rules are the reference tools' (see panoptic.py, semantic.py, instance.py) with one
-strictness added: a segment listed in a JSON but absent from its PNG is an error for the ground truth too
-(panopticapi would count it as a false negative), since it means the JSON and the PNG disagree.
+segment id. The rules are the reference tools' (see panoptic.py, semantic.py, instance.py). PQ runs on
+hotcoco when it is installed (panoptic_engine.py), else on our own engine ("reference": the PNG pairs read
+on worker threads into PanopticEvaluator); every check that needs no PNG (both JSONs, duplicate ids, each
+image's prediction) is ours, before either engine starts. Our engine adds one strictness: a ground-truth
+JSON that disagrees with its PNG (a listed segment absent from it, an id in it not listed) is an error, where
+panopticapi, and hotcoco with it, would count a false negative or ignore the id.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from tqdm import tqdm
 
 from mask2former import fileio
 from mask2former.data import coco_checks
-from mask2former.evaluation import EvaluationError
+from mask2former.evaluation import EvaluationError, panoptic_engine
 from mask2former.evaluation.instance import InstanceEvaluator
 from mask2former.evaluation.panoptic import PanopticEvaluator
 from mask2former.evaluation.panoptic_pairs import PanopticPairReader
@@ -108,6 +112,17 @@ def _check_panoptic_files(gt: Any, gt_json: Path, predictions: Any, pred_json: P
         raise EvaluationError(str(error)) from None
 
 
+@dataclass
+class PanopticImage:
+    """One ground-truth image and its prediction: COCO panoptic annotations and the paths of their PNGs."""
+
+    image_id: Any
+    gt: dict
+    pred: dict
+    gt_png: Path
+    pred_png: Path
+
+
 def evaluate_panoptic_files(
     pred_json: PathLike,
     pred_dir: PathLike,
@@ -115,14 +130,19 @@ def evaluate_panoptic_files(
     gt_dir: PathLike,
     progress: bool = False,
     workers: int | None = None,
+    engine: str = "auto",
 ) -> dict:
     """PQ of COCO panoptic predictions (JSON + PNG folder) against COCO panoptic ground truth.
 
     Images are the ground truth's annotations; each finds its prediction by image_id, else by PNG name.
-    Categories are the ground truth's. workers: threads reading and comparing PNGs (default: the cores,
-    at most 8); the statistics are added in image order, so any number gives the same figures.
-    Returns PanopticEvaluator.compute()'s dict.
+    Categories are the ground truth's. engine (panoptic_engine.py): "auto" (hotcoco if installed, else
+    ours), "hotcoco" or "reference" (ours, which also refuses a ground-truth JSON that disagrees with its
+    PNGs; hotcoco follows panopticapi there). Under "auto", files hotcoco refuses go to ours, which scores
+    them or names the problem. workers: our engine's threads reading and comparing PNGs (default: the cores,
+    at most 8; any number gives the same figures); hotcoco's are RAYON_NUM_THREADS. progress: a bar for
+    our engine. Returns PanopticEvaluator.compute()'s dict.
     """
+    chosen = panoptic_engine.resolve_engine(engine)
     pred_json, pred_dir, gt_json, gt_dir = Path(pred_json), Path(pred_dir), Path(gt_json), Path(gt_dir)
     gt = read_json(gt_json)
     gt_annotations = _annotations(gt, gt_json)
@@ -130,7 +150,8 @@ def evaluate_panoptic_files(
         raise EvaluationError(f"{gt_json}: no 'categories' list")
     predictions = read_json(pred_json)
     _check_panoptic_files(gt, gt_json, predictions, pred_json)
-    by_id, by_stem = _index_predictions(_annotations(predictions, pred_json), pred_json)
+    pred_annotations = _annotations(predictions, pred_json)
+    by_id, by_stem = _index_predictions(pred_annotations, pred_json)
     for folder in (pred_dir, gt_dir):
         if not folder.is_dir():
             raise EvaluationError(f"{folder}: no such folder")
@@ -138,30 +159,56 @@ def evaluate_panoptic_files(
         evaluator = PanopticEvaluator(gt["categories"])
     except (KeyError, TypeError, ValueError) as error:
         raise EvaluationError(f"{gt_json}: bad 'categories' ({error})") from None
+    images = [
+        _panoptic_image(annotation, by_id, by_stem, pred_json, pred_dir, gt_json, gt_dir)
+        for annotation in gt_annotations
+    ]
+    if chosen == "hotcoco" and images:
+        paths = (pred_json, pred_dir, gt_json, gt_dir)
+        try:
+            totals = panoptic_engine.hotcoco_totals(images, gt["categories"], pred_annotations, paths)
+        except EvaluationError:
+            if engine != "auto":
+                raise
+        else:
+            evaluator.add_totals(totals, len(images))
+            return evaluator.compute()
+    _add_panoptic_images(evaluator, images, pred_json, gt_json, progress, workers)
+    return evaluator.compute()
 
+
+def _add_panoptic_images(
+    evaluator: PanopticEvaluator,
+    images: list[PanopticImage],
+    pred_json: Path,
+    gt_json: Path,
+    progress: bool,
+    workers: int | None,
+) -> None:
+    """Our engine: PNG pairs read and compared on `workers` threads, added to evaluator in image order."""
     reader = PanopticPairReader()
 
-    def statistics(gt_annotation: dict):
+    def statistics(image: PanopticImage):
         # Runs on a worker thread; a problem surfaces when its image's turn comes, so in image order.
-        pred_png, pred_annotation, gt_png, where = _panoptic_image(
-            gt_annotation, by_id, by_stem, pred_json, pred_dir, gt_json, gt_dir
+        where = (
+            f"{image.pred_png} (image_id {image.image_id}, segments_info in {pred_json.name})",
+            f"{image.gt_png} (image_id {image.image_id}, segments_info in {gt_json.name})",
         )
-        gt_ids, pred_ids, pixels = reader.read(pred_png, gt_png, where)
+        gt_ids, pred_ids, pixels = reader.read(image.pred_png, image.gt_png, where)
         return evaluator.pair_statistics(
             gt_ids,
             pred_ids,
             pixels,
-            pred_annotation["segments_info"],
-            gt_annotation["segments_info"],
+            image.pred["segments_info"],
+            image.gt["segments_info"],
             strict=True,
             where=where,
         )
 
-    with tqdm(total=len(gt_annotations), desc="panoptic", unit="image", disable=not progress) as bar:
-        for image_statistics in ordered_map(statistics, gt_annotations, workers):
+    with tqdm(total=len(images), desc="panoptic", unit="image", disable=not progress) as bar:
+        for image_statistics in ordered_map(statistics, images, workers):
             evaluator.add_image(image_statistics)  # in image order, on this thread
             bar.update()
-    return evaluator.compute()
 
 
 def _panoptic_image(
@@ -172,20 +219,21 @@ def _panoptic_image(
     pred_dir: Path,
     gt_json: Path,
     gt_dir: Path,
-) -> tuple:
-    """(prediction PNG, its annotation, ground-truth PNG, names for errors) of one ground-truth image."""
+) -> PanopticImage:
+    """A ground-truth image with its prediction (by image_id, else by PNG name); none is an error."""
     image_id = gt_annotation.get("image_id")
     pred_annotation = by_id.get(image_id) or by_stem.get(Path(gt_annotation["file_name"]).stem)
     if pred_annotation is None:
         raise EvaluationError(
             f"{pred_json}: no prediction for image_id {image_id} ({gt_annotation['file_name']} in {gt_json})"
         )
-    pred_png, gt_png = pred_dir / pred_annotation["file_name"], gt_dir / gt_annotation["file_name"]
-    where = (
-        f"{pred_png} (image_id {image_id}, segments_info in {pred_json.name})",
-        f"{gt_png} (image_id {image_id}, segments_info in {gt_json.name})",
+    return PanopticImage(
+        image_id,
+        gt_annotation,
+        pred_annotation,
+        gt_dir / gt_annotation["file_name"],
+        pred_dir / pred_annotation["file_name"],
     )
-    return pred_png, pred_annotation, gt_png, where
 
 
 def evaluate_semantic_files(

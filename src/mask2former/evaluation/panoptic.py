@@ -321,6 +321,20 @@ class PanopticEvaluator:
         self.iou += other.iou
         self.images += other.images
 
+    def add_totals(self, totals: Mapping[int, Sequence], images: int) -> None:
+        """Add statistics another engine computed over `images` images (hotcoco, panoptic_hotcoco.py):
+        {category id: (tp, fp, fn, IoU sum)}; a category left out adds nothing, an unknown one raises."""
+        position = {int(category_id): i for i, category_id in enumerate(self.category_ids)}
+        for category_id, (tp, fp, fn, iou) in totals.items():
+            if int(category_id) not in position:
+                raise ValueError(f"category id {category_id} is not one of the evaluator's categories")
+            i = position[int(category_id)]
+            self.tp[i] += int(tp)
+            self.fp[i] += int(fp)
+            self.fn[i] += int(fn)
+            self.iou[i] += float(iou)
+        self.images += images
+
     def compute(self) -> dict:
         """{"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st": percent, "n", "n_th",
         "n_st": categories averaged, "images", "per_class": {"<category id>": {"name", "isthing", "PQ", "SQ",
