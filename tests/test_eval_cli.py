@@ -293,3 +293,12 @@ def test_argument_errors_and_a_folder_that_is_no_dataset(tmp_path, capsys):
     assert main(["eval", "--task", "semantic", "--weights", "w.pth", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--data {tmp_path}" in err[0] and "unknown dataset layout" in err[0]
+
+
+@pytest.mark.parametrize("engine", ["reference", "pycocotools"])  # pycocotools: the former name
+def test_instance_reference_engine(tmp_path, engine):
+    pred_json, gt_json, _ = instance_files(tmp_path)
+    args = ["eval", "--task", "instance", "--pred-json", str(pred_json), "--gt-json", str(gt_json)]
+    assert main([*args, "--engine", engine, "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["AP50"] == pytest.approx(100.0)

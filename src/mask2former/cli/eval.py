@@ -24,6 +24,8 @@ from mask2former.cli import DEVICE_HELP, UserError, example
 from mask2former.cli.predict import add_dtype_argument, add_scale_arguments, apply_scale_arguments
 
 ENGINES = ("auto", "hotcoco", "reference")
+# Earlier spellings still accepted: --engine pycocotools (before PQ had engines) is the reference.
+ENGINE_ALIASES = {"pycocotools": "reference"}
 
 _FILE_ARGUMENTS = {
     "panoptic": ("pred_json", "pred_dir", "gt_json", "gt_dir"),
@@ -66,14 +68,14 @@ def register(subparsers) -> None:
     )
     files.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=[*ENGINES, *ENGINE_ALIASES],
         default="auto",
         help="panoptic and instance: the code computing PQ and mask AP, the same figures from each. auto: "
         "hotcoco if installed (files it refuses go to reference), else reference; hotcoco (Rust); "
         "reference: our own code for PQ (panopticapi's rules) and pycocotools' COCOeval for mask AP. Only "
         "reference PQ refuses a ground-truth JSON that disagrees with its PNGs; hotcoco follows panopticapi "
         "there (a listed segment missing from the PNG is a false negative, an unlisted id is ignored, areas "
-        "come from the JSON)",
+        "come from the JSON); pycocotools: the former name of reference",
     )
     model = parser.add_argument_group("model over a dataset")
     model.add_argument("--weights", help="checkpoint to run (see `mask2former predict --help`)")
@@ -112,6 +114,11 @@ def evaluate_files(args: argparse.Namespace) -> dict:
         raise UserError(f"--engine {args.engine}: {error}") from None
 
 
+def _engine(args: argparse.Namespace) -> str:
+    """--engine with a former spelling replaced by today's."""
+    return ENGINE_ALIASES.get(args.engine, args.engine)
+
+
 def _score_files(args: argparse.Namespace, progress: bool) -> dict:
     from mask2former import limits
     from mask2former.cli.checks import AT_LEAST_1, check_limit, check_number
@@ -119,7 +126,7 @@ def _score_files(args: argparse.Namespace, progress: bool) -> dict:
 
     if args.task == "panoptic":
         return files.evaluate_panoptic_files(
-            args.pred_json, args.pred_dir, args.gt_json, args.gt_dir, progress, args.workers, args.engine
+            args.pred_json, args.pred_dir, args.gt_json, args.gt_dir, progress, args.workers, _engine(args)
         )
     if args.task == "semantic":
         check_number("--num-classes", args.num_classes, AT_LEAST_1)
@@ -136,7 +143,7 @@ def _score_files(args: argparse.Namespace, progress: bool) -> dict:
             progress=progress,
             workers=args.workers,
         )
-    engine = "pycocotools" if args.engine == "reference" else args.engine
+    engine = "pycocotools" if _engine(args) == "reference" else _engine(args)
     return files.evaluate_instance_files(args.pred_json, args.gt_json, verbose=args.verbose, engine=engine)
 
 

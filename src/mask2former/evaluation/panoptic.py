@@ -56,6 +56,23 @@ def _segment_fields(segments: Sequence[Any], where: str) -> tuple[list, list, li
     )
 
 
+def _check_areas(segments: Sequence[Any], sorted_ids: np.ndarray, pixels: np.ndarray, where: str) -> None:
+    """Each segment whose segments_info entry gives an 'area' must cover that many pixels of the map
+    (pixels (S,) in sorted_ids order): panopticapi scores ground truth with the JSON's areas, this code with
+    the map's, so a disagreement would give other figures."""
+    for segment in segments:
+        area = _field(segment, "area")
+        if area is None:
+            continue
+        segment_id = _field(segment, "id")
+        counted = int(pixels[np.searchsorted(sorted_ids, segment_id)])
+        if area != counted:
+            raise EvaluationError(
+                f"{where}: segment id {segment_id} has area {area} in segments_info but covers {counted} "
+                "pixels of the id map"
+            )
+
+
 class _Segments:
     """One image's segments sorted by id: ids (S,), category indices (S,), crowd flags (S,)."""
 
@@ -255,6 +272,7 @@ class PanopticEvaluator:
                     raise EvaluationError(
                         f"{name}: segment id {missing} is in segments_info but not in the id map"
                     )
+            _check_areas(gt_segments, gt.ids, gt_area, where[1])
         return ImageStatistics(hist, gt, pred)
 
     def add_image(self, statistics: ImageStatistics) -> None:
