@@ -214,3 +214,22 @@ def test_keep_freed_memory_sets_glibc_thresholds_unless_the_environment_does(mon
     assert calls == [(glibc.M_TRIM_THRESHOLD, glibc.REUSE_TRIM_THRESHOLD)]
     monkeypatch.setattr(glibc, "libc_function", lambda name: None)  # not glibc: nothing to do
     assert not glibc.keep_freed_memory()
+
+
+def test_freed_memory_kept_restores_the_settled_thresholds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        glibc, "libc_function", lambda name: lambda option, value: calls.append((option, value)) or 1
+    )
+    for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(variable, raising=False)
+    with glibc.freed_memory_kept():
+        assert calls[-1] == (glibc.M_TRIM_THRESHOLD, glibc.REUSE_TRIM_THRESHOLD)
+    assert calls[-2:] == [
+        (glibc.M_MMAP_THRESHOLD, glibc.SETTLED_MMAP_THRESHOLD),
+        (glibc.M_TRIM_THRESHOLD, glibc.SETTLED_TRIM_THRESHOLD),
+    ]
+    calls.clear()
+    with glibc.freed_memory_kept(enabled=False):
+        pass
+    assert calls == []

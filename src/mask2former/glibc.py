@@ -6,8 +6,10 @@ Elsewhere (musl, macOS) the functions are absent and callers change nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+from collections.abc import Iterator
 
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
@@ -18,6 +20,10 @@ M_ARENA_MAX = -8
 # 2 GiB of free space at its top.
 REUSE_MMAP_THRESHOLD = 2**30
 REUSE_TRIM_THRESHOLD = 2**31 - 1
+# Where glibc's own dynamic thresholds settle once large blocks have been freed (DEFAULT_MMAP_THRESHOLD_MAX on
+# 64-bit, and twice that for trimming): what `freed_memory_kept` returns to.
+SETTLED_MMAP_THRESHOLD = 32 * 2**20
+SETTLED_TRIM_THRESHOLD = 64 * 2**20
 
 
 def libc_function(name: str):
@@ -35,11 +41,11 @@ def keep_freed_memory() -> bool:
     """Have glibc keep freed blocks of any size for reuse instead of unmapping them, process-wide.
 
     By default glibc gives a block of over 32 MiB back to the system when it is freed, so each inference
-    allocates its large maps afresh and pays a page fault per 4 KiB page: ~15% of R50 inference at 800x1088
-    on the benchmark machine, in kernel time. With these settings the pages are reused; the resident set
-    stays at its high-water mark instead of falling between images. Thresholds the user set through
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are left alone. True when glibc took the settings,
-    False where it is not the allocator (nothing changed).
+    allocates its large maps afresh and pays a page fault per 4 KiB page: ~15% of R50 inference at 800x1088 on
+    the benchmark machine, in kernel time. With these settings the pages are reused; the resident set stays at
+    its high-water mark instead of falling between images (see `freed_memory_kept` for a block). Thresholds
+    the user set through MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ are left alone. True when glibc took
+    the settings, False where it is not the allocator (nothing changed).
     """
     return set_malloc_options(
         [
@@ -47,6 +53,29 @@ def keep_freed_memory() -> bool:
             (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", REUSE_TRIM_THRESHOLD),
         ]
     )
+
+
+@contextlib.contextmanager
+def freed_memory_kept(enabled: bool = True) -> Iterator[None]:
+    """`keep_freed_memory()` inside the block (when `enabled`), glibc's settled thresholds after it.
+
+    For the model's forward pass, which allocates the same large maps image after image. Afterwards large
+    blocks are mapped and unmapped again and the heap is trimmed, so what follows (the post-processing of a
+    4000x4000 photo, with blocks of other sizes) neither fragments nor grows a heap that keeps everything.
+    """
+    if not enabled:
+        yield
+        return
+    keep_freed_memory()
+    try:
+        yield
+    finally:
+        set_malloc_options(
+            [
+                (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", SETTLED_MMAP_THRESHOLD),
+                (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", SETTLED_TRIM_THRESHOLD),
+            ]
+        )
 
 
 def set_malloc_options(options: list[tuple[int, str, int]]) -> bool:

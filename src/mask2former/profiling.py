@@ -26,6 +26,8 @@ from mask2former.glibc import (
     M_TRIM_THRESHOLD,
     REUSE_MMAP_THRESHOLD,
     REUSE_TRIM_THRESHOLD,
+    SETTLED_MMAP_THRESHOLD,
+    SETTLED_TRIM_THRESHOLD,
     libc_function,
 )
 from mask2former.inference.optimize import onednn_available
@@ -107,7 +109,7 @@ def onednn_matmul_peak_gflops(
 # glibc malloc tuning through mallopt, as (trim threshold, mmap threshold).
 ALLOCATOR_MODES = {
     # Where glibc's own dynamic thresholds settle once large blocks have been freed.
-    "default": (64 * 2**20, 32 * 2**20),
+    "default": (SETTLED_TRIM_THRESHOLD, SETTLED_MMAP_THRESHOLD),
     # What inference sets (`glibc.keep_freed_memory`): freed blocks of any size stay mapped for reuse.
     "reuse": (REUSE_TRIM_THRESHOLD, REUSE_MMAP_THRESHOLD),
     # Blocks over 64 KiB go back to the OS at once, so the resident set follows live tensors (memory peaks).

@@ -107,9 +107,7 @@ def load(args: argparse.Namespace, dtypes: list) -> tuple[dict, object]:
     # on parameters that require one.
     model = loaded.model.requires_grad_(False)
     models = {
-        dtype: TorchRunner(
-            model, optimize=not args.reference, dtype=dtype, reuse_memory=not args.no_reuse_memory
-        ).inference_model()
+        dtype: TorchRunner(model, optimize=not args.reference, dtype=dtype).inference_model()
         for dtype in dtypes
     }
     return models, loaded.config
@@ -121,6 +119,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mask2former.glibc import freed_memory_kept
     from mask2former.inference.precision import dtype_name
     from mask2former.modeling.kernels import use_kernels
     from mask2former.profiling import (
@@ -153,10 +152,12 @@ def measure(args: argparse.Namespace) -> dict:
     images = torch.randn(args.batch_size, 3, height, width, generator=torch.Generator().manual_seed(0))
     path = use_kernels(deform_attn="reference") if args.reference else contextlib.nullcontext()
 
-    def once(dtype, stage_context=lambda name: contextlib.nullcontext()) -> None:
-        run_stages(
-            models[dtype], images.to(dtype), config, stage_context, full_resolution_masks=args.reference
-        )
+    def once(dtype, stage_context=lambda name: contextlib.nullcontext(), keep_memory=True) -> None:
+        # The malloc setting predict's forward pass runs under (TorchRunner.allocator), but for the peaks.
+        with freed_memory_kept(keep_memory and not args.no_reuse_memory):
+            run_stages(
+                models[dtype], images.to(dtype), config, stage_context, full_resolution_masks=args.reference
+            )
 
     peaks = {dtype: matmul_peak_gflops(dtype=dtype) for dtype in dtypes}
     onednn_peaks = {dtype: onednn_matmul_peak_gflops(dtype=dtype) for dtype in dtypes}
@@ -192,7 +193,6 @@ def measure(args: argparse.Namespace) -> dict:
 
     whole = {}
     with path:
-        # The allocator is what predict sets (TorchRunner.reuse_memory, applied by load() above).
         for _ in range(args.warmup):
             for dtype in dtypes:
                 once(dtype)
@@ -203,7 +203,7 @@ def measure(args: argparse.Namespace) -> dict:
             once(dtypes[0], counted)
         for dtype in dtypes:
             with allocator("release") as freed, PeakMemory() as peak:
-                once(dtype, probed(dtype))
+                once(dtype, probed(dtype), keep_memory=False)
             whole[dtype] = (peak, freed)
     reports = {}
     for dtype in dtypes:

@@ -10,9 +10,10 @@ tests/test_eval_engines.py.
 hotcoco checks the predictions as panopticapi does (every PNG id listed, every listed id in the PNG, known
 categories, equal sizes) and follows panopticapi on the ground truth: a segment's area is the JSON's "area"
 where given, a listed segment absent from the PNG is a false negative, an id in the PNG but not listed is
-ignored. Our engine refuses a ground-truth JSON whose segments disagree with its PNG instead (a listed
-segment absent from the PNG, an unlisted id, an "area" that is not the segment's pixel count), so where it
-gives figures they are panopticapi's. Its errors become one-line EvaluationErrors naming the PNG, the JSON and the image id.
+ignored. Our engine refuses a ground-truth JSON whose segments disagree with its PNG instead (a listed segment
+absent from the PNG, an unlisted id, an "area" that is not the segment's pixel count), so where it gives
+figures they are panopticapi's. Its errors become one-line EvaluationErrors naming the PNG, the JSON and the
+image id.
 
 Threads: hotcoco runs on rayon's global pool of RAYON_NUM_THREADS threads (default: every core), read once,
 when a process first uses it; it has no other setting (`mask2former eval --workers` sets the variable).

@@ -7,6 +7,7 @@ semantic / panoptic / instance post-processing in original-image coordinates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from mask2former.config import ModelConfig
-from mask2former.glibc import keep_freed_memory
+from mask2former.glibc import freed_memory_kept
 from mask2former.inference.inputs import as_image_list, is_batch, to_rgb_list
 from mask2former.inference.postprocess import PostprocessSettings, postprocess
 from mask2former.inference.prediction import Prediction
@@ -43,9 +44,9 @@ class TorchRunner:
     come back as float32 for the post-processing (see `inference.precision`, which also refuses a dtype the
     device would only emulate). The caller's model keeps its dtype.
 
-    `reuse_memory` (CPU): before inference, have glibc keep freed memory for reuse, process-wide
-    (`glibc.keep_freed_memory`: no page faults for the large maps of every image, ~15% of R50's time; the
-    resident set stays at its peak). False leaves the allocator as it is (the server keeps its own settings).
+    `reuse_memory` (CPU): during the forward pass, have glibc keep freed memory for reuse, process-wide
+    (`glibc.freed_memory_kept`: no page faults for the large maps of every image, ~15% of R50's time; the
+    resident set stays near its peak). False leaves the allocator as it is (the server keeps its own).
     """
 
     def __init__(
@@ -71,8 +72,6 @@ class TorchRunner:
 
     def inference_model(self) -> torch.nn.Module:
         """The module inference runs: the caller's model, or the private (optimised) copy of it."""
-        if self.reuse_memory and self.device.type == "cpu":
-            keep_freed_memory()  # a few mallopt calls: cheap enough to repeat
         first = next(self.model.parameters(), None)
         as_is = first is None or (first.device == self.device and first.dtype == self.dtype)
         if not self.optimize and as_is:
@@ -95,8 +94,12 @@ class TorchRunner:
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         model = self.inference_model()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.allocator():
             return self._run(model, images)
+
+    def allocator(self) -> contextlib.AbstractContextManager:
+        """The malloc setting the forward pass runs under (see `reuse_memory`)."""
+        return freed_memory_kept(self.reuse_memory and self.device.type == "cpu")
 
     def _run(self, model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.to(self.device, dtype=self.dtype)
