@@ -27,6 +27,10 @@ SIDECAR_FORMAT = "mask2former-onnx"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("pred_logits", "pred_masks")
 DEFAULT_THREADS = 2
+# ORT's QDQ propagation moves an int8 graph's quantise steps upstream across data-movement ops; above the
+# float stem's MaxPool that makes it a uint8 NCHW pool, 10x slower than the float one. Our quantiser already
+# puts Q/DQ where int8 pays (export.quantize), so the runner keeps them there. No-op on float graphs.
+DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 
 
 class ExportError(ValueError):
@@ -94,7 +98,10 @@ class OnnxRunner:
         options.log_severity_level = 3  # ORT's fp16 fallback and shape warnings are not the user's concern
         try:
             self.session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(path),
+                sess_options=options,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=list(DISABLED_OPTIMIZERS),
             )
         except Exception as error:  # ORT raises its own exception types for corrupt or unsupported graphs
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
