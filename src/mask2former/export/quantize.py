@@ -1,6 +1,6 @@
 """int8 deployment: ONNX Runtime static quantisation of an exported float32 graph, calibrated on images.
 
-    quantize_static_int8(fp32_graph, int8_graph, config, calibration_dir, limit=32)
+    quantize_static_int8(fp32_graph, int8_graph, config, calibration_images(folder, limit=32))
 
 The graph becomes a QDQ graph (QuantizeLinear / DequantizeLinear pairs around the quantised operators, which
 ONNX Runtime fuses into int8 kernels): weights int8 per output channel, activations uint8 per tensor with
@@ -19,7 +19,9 @@ quantise / dequantise step costs about what a small int8 kernel saves, so
 The transformer decoder (FLOAT_MODULES) stays float32: it works on the Q queries, whose small matrices gain
 less from int8 than quantising their inputs costs; so do the activation x activation products, the
 deformable sampling (GridSample), softmax, normalisation and the element-wise glue, whose ranges and
-precision matter more than their cost.
+precision matter more than their cost. A float node that shares an input with a quantised one reads the float
+tensor, not its uint8 round trip. `OnnxRunner` keeps the quantise steps where this module puts them
+(runtime.DISABLED_OPTIMIZERS).
 """
 
 from __future__ import annotations
