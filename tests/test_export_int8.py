@@ -137,7 +137,7 @@ def test_float_readers_of_a_quantised_input_read_the_float_tensor():
     assert inputs["linear"][0] == "t_dq" and inputs["residual"][0] == "t"
 
 
-def test_runner_keeps_quantise_steps_in_place_and_does_not_spin(tmp_path):
+def test_runner_keeps_quantise_steps_in_place_and_stops_spinning(tmp_path):
     # ORT ignores unknown names in disabled_optimizers: check the name still stops Q moving above MaxPool.
     node = helper.make_node
     scale = [
@@ -166,9 +166,9 @@ def test_runner_keeps_quantise_steps_in_place_and_does_not_spin(tmp_path):
         orders.append([n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node])
     assert orders[0][0] == "QuantizeLinear"  # propagated above the pool: a uint8 MaxPool
     assert orders[1][:2] == ["MaxPool", "QuantizeLinear"]
-    # ... and its idle workers sleep rather than spin on cores the next computation needs.
+    # ... and its workers stop spinning when a run returns, leaving the cores to what comes next.
     options = OnnxRunner(tmp_path / "m.onnx").session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 @pytest.mark.slow

@@ -96,9 +96,10 @@ class OnnxRunner:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1  # the graph is one chain; a second pool only competes for cores
         options.log_severity_level = 3  # ORT's fp16 fallback and shape warnings are not the user's concern
-        # Idle workers sleep instead of spinning: a spinning pool holds its cores after run() returns, and
-        # whatever runs next on them (another session, the eager model, another job) ran ~2x slower for it.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Workers spin between the graph's many small kernels but stop when run() returns: a pool still
+        # spinning then holds the cores, and whatever runs next on them (post-processing, another session or
+        # job) ran up to 2x slower. (No spinning at all costs a lone session a quarter of its speed.)
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(
                 str(path),
