@@ -100,16 +100,19 @@ def check_panoptic_annotations(annotations: Any, path: Path, category_ids: set |
                     f"{path}: annotation {i}: image_id {annotation['image_id']!r} is not an integer or string"
                 )
             image_ids.append(annotation["image_id"])
-        where = f"{path}: image_id {annotation.get('image_id', i)!r}"
-        if not isinstance(annotation.get("file_name"), str):
-            raise CocoFormatError(f"{where}: the annotation needs a 'file_name' string")
         segments = annotation.get("segments_info")
-        if not isinstance(segments, list):
+        if not isinstance(annotation.get("file_name"), str) or not isinstance(segments, list):
+            where = f"{path}: image_id {annotation.get('image_id', i)!r}"
+            if not isinstance(annotation.get("file_name"), str):
+                raise CocoFormatError(f"{where}: the annotation needs a 'file_name' string")
             raise CocoFormatError(f"{where}: the annotation needs a 'segments_info' list")
         if not _plain_segments(segments, category_ids):
+            where = f"{path}: image_id {annotation.get('image_id', i)!r}"
             for segment in segments:
                 _check_segment(segment, where, category_ids)
-        unique((s["id"] for s in segments), path, f"image_id {annotation.get('image_id', i)!r}: segment id")
+        segment_ids = [s["id"] for s in segments]
+        if len(set(segment_ids)) != len(segment_ids):  # the loop names the first repeated id
+            unique(segment_ids, path, f"image_id {annotation.get('image_id', i)!r}: segment id")
     unique(image_ids, path, "image_id")
 
 
@@ -119,13 +122,15 @@ def _plain_segments(segments: list, category_ids: set | None) -> bool:
     message."""
     try:
         return all(
-            type(s) is dict
-            and type(s["id"]) is int
-            and s["id"] > 0
-            and type(s["category_id"]) is int
-            and (category_ids is None or s["category_id"] in category_ids)
-            and s.get("iscrowd", 0) in (0, 1)
-            for s in segments
+            [
+                type(s) is dict
+                and type(s["id"]) is int
+                and s["id"] > 0
+                and type(s["category_id"]) is int
+                and (category_ids is None or s["category_id"] in category_ids)
+                and s.get("iscrowd", 0) in (0, 1)
+                for s in segments
+            ]
         )
     except KeyError:
         return False

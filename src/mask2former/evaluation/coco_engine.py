@@ -90,7 +90,11 @@ def _quiet(verbose: bool):
 
 def prepared_ground_truth(gt: Mapping[str, Any], engine: str) -> dict:
     """A copy of gt that both engines read alike: annotations get "id", "iscrowd" 0 and their mask "area"
-    when missing. Annotation dicts are copied (COCOeval writes into them); the caller's gt is untouched."""
+    when missing. Annotation dicts are copied (COCOeval writes into them); the caller's gt is untouched.
+    hotcoco only reads them: where nothing is missing, it gets the caller's annotations as they are."""
+    annotations = gt["annotations"]
+    if engine == "hotcoco" and all(["id" in a and "iscrowd" in a and "area" in a for a in annotations]):
+        return {**gt, "annotations": list(annotations)}
     sizes = {image["id"]: (int(image["height"]), int(image["width"])) for image in gt["images"]}
     annotations, functions = [], None
     for annotation_id, annotation in enumerate(gt["annotations"], start=1):

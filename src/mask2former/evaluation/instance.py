@@ -11,7 +11,9 @@ The engine is imported on first use, so the rest of the package works without it
 from __future__ import annotations
 
 import gc
+import operator
 from collections.abc import Hashable, Mapping, Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,7 +38,16 @@ def check_ground_truth(gt: Mapping[str, Any]) -> None:
             raise EvaluationError(f"ground truth image {i} needs 'id', 'height' and 'width'")
         image_ids.add(image["id"])
     category_ids = {c.get("id") for c in gt["categories"]}
-    for i, annotation in enumerate(gt["annotations"]):
+    annotations = gt["annotations"]
+    try:  # the common case in whole-list passes (COCO val holds ~4 * 10^4 annotations)
+        if {a["image_id"] for a in annotations} <= image_ids and {
+            a["category_id"] for a in annotations
+        } <= category_ids:
+            if all(["segmentation" in a for a in annotations]):
+                return
+    except (KeyError, TypeError):  # a key missing, not a dict, an unhashable id: the loop names it
+        pass
+    for i, annotation in enumerate(annotations):
         if not all(k in annotation for k in ("image_id", "category_id", "segmentation")):
             raise EvaluationError(
                 f"ground truth annotation {i} needs 'image_id', 'category_id' and 'segmentation'"
@@ -113,12 +124,13 @@ class InstanceEvaluator:
         except (KeyError, TypeError):  # a key missing, an unhashable id
             return None
         sizes = {image_id: [height, width] for image_id, (height, width) in self.sizes.items()}
-        if not all(type(score) is float or type(score) is int for score in scores) or not all(
-            type(segmentation) is dict
-            and type(segmentation.get("counts")) is str
-            and segmentation.get("size") == sizes[image_id]
-            for segmentation, image_id in zip(segmentations, image_ids, strict=True)
-        ):
+        # Whole-list checks through map/set (C loops): 10^5 results cost ~0.1 s in a Python generator.
+        if not set(map(type, scores)) <= {float, int} or set(map(type, segmentations)) != {dict}:
+            return None
+        if set(map(type, map(dict.get, segmentations, repeat("counts")))) != {str}:
+            return None
+        expected = map(sizes.__getitem__, image_ids)
+        if not all(map(operator.eq, map(dict.get, segmentations, repeat("size")), expected)):
             return None
         # Two dicts per result (the size list is shared per image: nothing writes into it), built with the
         # cyclic garbage collector paused: 10^5 new containers would otherwise set it walking the heap.
