@@ -12,6 +12,7 @@ over heads, and MSDeformAttn takes the corner-gather path in eager mode (`modeli
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,14 +99,20 @@ def _eager_cpu_inference(x: torch.Tensor) -> bool:
     )
 
 
+def _derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], make: Callable) -> Any:
+    """make(*sources detached), kept on the module as `_onednn_<name>`: made on first use and again
+    whenever a source changed (moved, reloaded, converted or edited in place: its storage, version counter
+    or dtype differ). `_PackedWeightCache` leaves these attributes out of copies."""
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+    if getattr(module, f"_onednn_{name}_key", None) != key:
+        setattr(module, f"_onednn_{name}", make(*(t.detach() for t in sources)))
+        setattr(module, f"_onednn_{name}_key", key)
+    return getattr(module, f"_onednn_{name}")
+
+
 def _packed(module: nn.Module, pack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The module's weight in oneDNN's layout, packed on first use and again whenever the weight changed
-    (moved, reloaded or edited in place: its storage or version counter differ)."""
-    key = (module.weight.data_ptr(), module.weight._version)
-    if getattr(module, "_onednn_key", None) != key:
-        module._onednn_weight = pack(module.weight.detach())
-        module._onednn_key = key
-    return module._onednn_weight
+    """The module's weight in oneDNN's layout (see `_derived`)."""
+    return _derived(module, "weight", (module.weight,), pack)
 
 
 class _PackedWeightCache:
@@ -214,9 +221,8 @@ class FastMSDeformAttn(_PackedWeightCache, MSDeformAttn):
         batch = query.shape[0]
         heads = self.num_heads
         value = self.value_proj(input_flatten).view(batch, -1, heads, self.d_model // heads)
-        weight, bias = self._merged_projection()
+        weight, bias, packed = self._merged_projection()
         if self.onednn_projection and _use_onednn(query, weight):
-            packed = _packed_merged(self, weight)
             projection = torch.ops.mkldnn._linear_pointwise(query, packed, bias, "none", [], "")
         else:
             projection = F.linear(query, weight, bias)
@@ -225,24 +231,24 @@ class FastMSDeformAttn(_PackedWeightCache, MSDeformAttn):
         )
         return self.output_proj(sampled.to(query.dtype))
 
-    def _merged_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight (3K, C), bias (3K,)): the x-offset rows, the y-offset rows, then the attention rows,
-        K = heads * levels * points; remade whenever one of the four tensors changed."""
+    def _merged_projection(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(weight (3K, C), bias (3K,), weight in oneDNN's layout or None): the x-offset rows, the y-offset
+        rows, then the attention rows, K = heads * levels * points; remade whenever one of the four
+        parameters changed."""
+
+        def merge(offsets_w, offsets_b, attention_w, attention_b):
+            weight = torch.cat((offsets_w[0::2], offsets_w[1::2], attention_w)).contiguous()
+            bias = torch.cat((offsets_b[0::2], offsets_b[1::2], attention_b)).contiguous()
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.onednn_projection else None
+            return weight, bias, packed
+
         parts = (
             self.sampling_offsets.weight,
             self.sampling_offsets.bias,
             self.attention_weights.weight,
             self.attention_weights.bias,
         )
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in parts)
-        if getattr(self, "_onednn_merged_key", None) != key:
-            offsets_w, offsets_b, attention_w, attention_b = (t.detach() for t in parts)
-            self._onednn_merged = (
-                torch.cat((offsets_w[0::2], offsets_w[1::2], attention_w)).contiguous(),
-                torch.cat((offsets_b[0::2], offsets_b[1::2], attention_b)).contiguous(),
-            )
-            self._onednn_merged_key = key
-        return self._onednn_merged
+        return _derived(self, "merged", parts, merge)
 
 
 class OneDNNMultiheadAttention(_PackedWeightCache, nn.MultiheadAttention):
@@ -255,23 +261,13 @@ class OneDNNMultiheadAttention(_PackedWeightCache, nn.MultiheadAttention):
         bias = self.in_proj_bias.chunk(3)[index]
         if not _use_onednn(x, weight):
             return F.linear(x, weight, bias)
-        key = (self.in_proj_weight.data_ptr(), self.in_proj_weight._version, self.in_proj_weight.dtype)
-        if getattr(self, "_onednn_key", None) != key:
-            self._onednn_weight = [
-                torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
-                for w in self.in_proj_weight.chunk(3)
-            ]
-            self._onednn_key = key
-        return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight[index], bias, "none", [], "")
-
-
-def _packed_merged(module: FastMSDeformAttn, weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's layout of the merged projection weight, packed again when the merged weight was remade."""
-    key = weight.data_ptr()
-    if getattr(module, "_onednn_merged_packed_key", None) != key:
-        module._onednn_merged_packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        module._onednn_merged_packed_key = key
-    return module._onednn_merged_packed
+        packed = _derived(
+            self,
+            "in_proj",
+            (self.in_proj_weight,),
+            lambda w: [torch.ops.mkldnn._reorder_linear_weight(c.contiguous(), None) for c in w.chunk(3)],
+        )
+        return torch.ops.mkldnn._linear_pointwise(x, packed[index], bias, "none", [], "")
 
 
 def _fast_sampling(query: torch.Tensor) -> bool:

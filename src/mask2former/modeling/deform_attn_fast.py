@@ -140,12 +140,16 @@ class _Layout:
         clamped = torch.clamp(torch.nan_to_num(pixels, nan=-1.0), min=self.lowest, max=self.size)
         corner = clamped.floor()
         fraction = clamped - corner
-        corner = corner.to(self.index_dtype)
-        rows = corner[..., 1] * self.row_stride
-        rows += corner[..., 0]
+        return self.table_rows(corner[..., 0], corner[..., 1], batch_index), fraction
+
+    def table_rows(self, x: torch.Tensor, y: torch.Tensor, batch_index: int) -> torch.Tensor:
+        """Integral top-left pixels x, y (q, M, L, P) (float, as floor gives them) -> their table rows
+        (q, M, L, P) in the index dtype."""
+        rows = y.to(self.index_dtype) * self.row_stride
+        rows += x.to(self.index_dtype)
         rows += self.origin
         rows += batch_index * self.heads * self.tokens
-        return rows, fraction
+        return rows
 
     def pixel_gradient_scale(self, pixels: torch.Tensor) -> torch.Tensor:
         """d pixel / d location (q, M, L, P, 2): the size where the location was not clamped, else 0."""
@@ -416,11 +420,7 @@ def _rows_and_fractions(layout: _Layout, xy: torch.Tensor, batch_index: int) -> 
     xy.clamp_(min=layout.lowest, max=layout.plane_size)
     corner = xy.floor()
     xy.sub_(corner)
-    corner = corner.to(layout.index_dtype)
-    rows = corner[:, 1] * layout.row_stride
-    rows += corner[:, 0]
-    rows += layout.origin + batch_index * layout.heads * layout.tokens
-    return rows
+    return layout.table_rows(corner[:, 0], corner[:, 1], batch_index)
 
 
 def _planar_corner_weights(
