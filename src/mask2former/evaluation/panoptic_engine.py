@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mask2former.evaluation import EvaluationError
+from mask2former.evaluation import EvaluationError, coco_engine
 
 if TYPE_CHECKING:
     from mask2former.evaluation.files import PanopticImage
@@ -34,14 +34,6 @@ if TYPE_CHECKING:
 ENGINES = ("auto", "hotcoco", "reference")
 
 _IMAGE_MESSAGE = re.compile(r"image (\d+): (.+)")  # how hotcoco names the image of a problem
-
-
-def hotcoco_available() -> bool:
-    try:
-        import hotcoco.panoptic  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_engine(engine: str = "auto") -> str:
@@ -53,7 +45,7 @@ def resolve_engine(engine: str = "auto") -> str:
         raise ValueError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "reference":
         return engine
-    if hotcoco_available():
+    if coco_engine.available("hotcoco"):
         return "hotcoco"
     if engine == "hotcoco":
         raise ModuleNotFoundError(
