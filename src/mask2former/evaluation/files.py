@@ -5,8 +5,9 @@ segment id. The rules are the reference tools' (see panoptic.py, semantic.py, in
 hotcoco when it is installed (panoptic_engine.py), else on our own engine ("reference": the PNG pairs read
 on worker threads into PanopticEvaluator); every check that needs no PNG (both JSONs, duplicate ids, each
 image's prediction) is ours, before either engine starts. Our engine adds one strictness: a ground-truth
-JSON that disagrees with its PNG (a listed segment absent from it, an id in it not listed) is an error, where
-panopticapi, and hotcoco with it, would count a false negative or ignore the id.
+JSON that disagrees with its PNG (a listed segment absent from it, an id in it not listed, an "area" that is
+not the segment's pixel count) is an error, where panopticapi, and hotcoco with it, would count a false
+negative, ignore the id or score with the JSON's area.
 """
 
 from __future__ import annotations
