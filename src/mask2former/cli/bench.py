@@ -46,8 +46,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-reuse-memory",
         action="store_true",
-        help="time with glibc's default allocator instead of the setting predict runs with (glibc keeping "
-        "freed memory for reuse: no page faults for large tensors, resident memory stays at its peak)",
+        help="time with glibc's usual thresholds instead of the setting predict's forward pass runs with "
+        "(glibc keeping freed memory for reuse: no page faults for large tensors)",
     )
     parser.add_argument(
         "--dtype",
