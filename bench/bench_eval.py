@@ -38,7 +38,12 @@ from PIL import Image
 from mask2former.evaluation.files import evaluate_panoptic_files
 from mask2former.evaluation.instance import METRICS, coco_mask_ap
 from mask2former.evaluation.parallel import default_workers
-from mask2former.fileio import rgb2id
+
+
+def rgb2id_as_panopticapi(color: np.ndarray) -> np.ndarray:
+    """panopticapi.utils.rgb2id on the (H, W, 3) uint32 array its pq_compute makes: uint32 arithmetic, no copy
+    to int32 first (our fileio.rgb2id makes one for non-uint8 input, ~0.25 ms slower per 480x640 PNG)."""
+    return color[:, :, 0] + 256 * color[:, :, 1] + 256 * 256 * color[:, :, 2]
 
 
 def panopticapi_from_files(paths: dict) -> dict:
@@ -50,8 +55,10 @@ def panopticapi_from_files(paths: dict) -> dict:
     stats = defaultdict(lambda: [0, 0, 0, 0.0])
     for gt_annotation in gt["annotations"]:
         pred_annotation = pred[gt_annotation["image_id"]]
-        pan_gt = rgb2id(np.array(Image.open(paths["gt_dir"] / gt_annotation["file_name"]), dtype=np.uint32))
-        pan_pred = rgb2id(
+        pan_gt = rgb2id_as_panopticapi(
+            np.array(Image.open(paths["gt_dir"] / gt_annotation["file_name"]), dtype=np.uint32)
+        )
+        pan_pred = rgb2id_as_panopticapi(
             np.array(Image.open(paths["pred_dir"] / pred_annotation["file_name"]), dtype=np.uint32)
         )
         pairs = [(pan_pred, pred_annotation["segments_info"], pan_gt, gt_annotation["segments_info"])]
