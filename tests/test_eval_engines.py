@@ -159,6 +159,34 @@ def test_results_checked_in_bulk_equal_results_checked_one_by_one():
         evaluator.update_coco([*results[:3], {**results[3], "image_id": 99}])
 
 
+def test_results_already_in_checked_form_are_kept_and_left_untouched_by_either_engine():
+    from mask2former.evaluation import InstanceEvaluator
+
+    gt, results = instance_case(1)
+    plain = [
+        {**r, "score": float(r["score"]), "segmentation": dict(r["segmentation"], size=[H, W])}
+        for r in results
+    ]
+    evaluator = InstanceEvaluator(gt)
+    kept = evaluator._checked_in_bulk(plain)
+    assert kept == evaluator._checked_one_by_one(plain) and all(
+        a is b for a, b in zip(kept, plain, strict=True)
+    )
+    # float sizes equal the image's but are not its integers: those results are rebuilt
+    floats = [
+        plain[0] | {"segmentation": {**plain[0]["segmentation"], "size": [float(H), float(W)]}},
+        *plain[1:],
+    ]
+    rebuilt = evaluator._checked_in_bulk(floats)
+    assert rebuilt[0] is not floats[0] and rebuilt[0]["segmentation"]["size"] == [H, W]
+    assert type(rebuilt[0]["segmentation"]["size"][0]) is int
+    original = copy.deepcopy(plain)
+    figures = {
+        engine: json.dumps(coco_mask_ap(gt, plain, engine=engine)) for engine in ("hotcoco", "pycocotools")
+    }
+    assert plain == original and figures["hotcoco"] == figures["pycocotools"]
+
+
 def test_auto_takes_pycocotools_where_hotcoco_refuses_the_input():
     gt, results = instance_case(0)
     name = {image["id"]: f"img{image['id']}" for image in gt["images"]}  # COCO allows any id; hotcoco not

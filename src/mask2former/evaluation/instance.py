@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import operator
 from collections.abc import Hashable, Mapping, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -111,27 +111,36 @@ class InstanceEvaluator:
     def _checked_in_bulk(self, results: Sequence[Any]) -> list[dict] | None:
         """_checked_one_by_one's output for the common case (dicts with a compressed RLE of the image's size,
         known ids, int or float scores), checked in whole-list passes (a COCO-val results file holds ~10^5);
-        None when any result needs the general path."""
-        if not all(type(result) is dict for result in results):
+        None when any result needs the general path. Results already in that form (those four keys, float
+        scores, a {size, counts} RLE) are kept as they are, not copied: the engines only read them."""
+        # Whole-list checks through map/set (C loops): 10^5 results cost ~0.1 s in a Python generator.
+        if set(map(type, results)) != {dict}:
             return None
         try:
-            image_ids = [result["image_id"] for result in results]
-            category_ids = [result["category_id"] for result in results]
-            scores = [result["score"] for result in results]
-            segmentations = [result["segmentation"] for result in results]
+            image_ids = list(map(operator.itemgetter("image_id"), results))
+            category_ids = list(map(operator.itemgetter("category_id"), results))
+            scores = list(map(operator.itemgetter("score"), results))
+            segmentations = list(map(operator.itemgetter("segmentation"), results))
             if not (set(image_ids) <= self.sizes.keys() and set(category_ids) <= self.category_ids):
                 return None
         except (KeyError, TypeError):  # a key missing, an unhashable id
             return None
         sizes = {image_id: [height, width] for image_id, (height, width) in self.sizes.items()}
-        # Whole-list checks through map/set (C loops): 10^5 results cost ~0.1 s in a Python generator.
-        if not set(map(type, scores)) <= {float, int} or set(map(type, segmentations)) != {dict}:
+        score_types = set(map(type, scores))
+        if not score_types <= {float, int} or set(map(type, segmentations)) != {dict}:
             return None
         if set(map(type, map(dict.get, segmentations, repeat("counts")))) != {str}:
             return None
-        expected = map(sizes.__getitem__, image_ids)
-        if not all(map(operator.eq, map(dict.get, segmentations, repeat("size")), expected)):
+        given_sizes = list(map(dict.get, segmentations, repeat("size")))
+        if not all(map(operator.eq, given_sizes, map(sizes.__getitem__, image_ids))):
             return None
+        if (
+            score_types == {float}
+            and set(map(len, results)) == {4}
+            and set(map(len, segmentations)) == {2}
+            and set(map(type, chain.from_iterable(given_sizes))) == {int}  # not 480.0, which equals 480
+        ):
+            return list(results)
         # Two dicts per result (the size list is shared per image: nothing writes into it), built with the
         # cyclic garbage collector paused: 10^5 new containers would otherwise set it walking the heap.
         was_enabled = gc.isenabled()
