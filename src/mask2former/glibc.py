@@ -21,7 +21,7 @@ M_ARENA_MAX = -8
 REUSE_MMAP_THRESHOLD = 2**30
 REUSE_TRIM_THRESHOLD = 2**31 - 1
 # Where glibc's own dynamic thresholds settle once large blocks have been freed (DEFAULT_MMAP_THRESHOLD_MAX on
-# 64-bit, and twice that for trimming): what `freed_memory_kept` returns to.
+# 64-bit, and twice that for trimming): the mmap threshold is what `freed_memory_kept` returns to.
 SETTLED_MMAP_THRESHOLD = 32 * 2**20
 SETTLED_TRIM_THRESHOLD = 64 * 2**20
 
@@ -57,11 +57,14 @@ def keep_freed_memory() -> bool:
 
 @contextlib.contextmanager
 def freed_memory_kept(enabled: bool = True) -> Iterator[None]:
-    """`keep_freed_memory()` inside the block (when `enabled`), glibc's settled thresholds after it.
+    """`keep_freed_memory()` inside the block (when `enabled`); after it, blocks over glibc's settled mmap
+    threshold are mapped and unmapped again, while the heap stays untrimmed.
 
-    For the model's forward pass, which allocates the same large maps image after image. Afterwards large
-    blocks are mapped and unmapped again and the heap is trimmed, so what follows (the post-processing of a
-    4000x4000 photo, with blocks of other sizes) neither fragments nor grows a heap that keeps everything.
+    For the model's forward pass, which allocates the same large maps image after image. What follows it
+    (the post-processing of a 4000x4000 photo, with large blocks of other sizes) gets those blocks from
+    mmap, so it neither fragments nor grows the heap; the heap keeps the forward pass's pages, so the next
+    image's forward pass does not fault them in again, whatever ran in between (post-processing, another
+    model). The resident set stays near the forward pass's peak, as `keep_freed_memory` says.
     """
     if not enabled:
         yield
@@ -70,12 +73,7 @@ def freed_memory_kept(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        set_malloc_options(
-            [
-                (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", SETTLED_MMAP_THRESHOLD),
-                (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", SETTLED_TRIM_THRESHOLD),
-            ]
-        )
+        set_malloc_options([(M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", SETTLED_MMAP_THRESHOLD)])
 
 
 def set_malloc_options(options: list[tuple[int, str, int]]) -> bool:

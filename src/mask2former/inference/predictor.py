@@ -44,9 +44,10 @@ class TorchRunner:
     come back as float32 for the post-processing (see `inference.precision`, which also refuses a dtype the
     device would only emulate). The caller's model keeps its dtype.
 
-    `reuse_memory` (CPU): during the forward pass, have glibc keep freed memory for reuse, process-wide
-    (`glibc.freed_memory_kept`: no page faults for the large maps of every image, ~15% of R50's time; the
-    resident set stays near its peak). False leaves the allocator as it is (the server keeps its own).
+    `reuse_memory` (CPU): have glibc keep freed memory for reuse, process-wide (`glibc.freed_memory_kept`:
+    no page faults for the large maps of every image, ~15% of R50's time; the heap is not trimmed between
+    forward passes, so the resident set stays near their peak). False leaves the allocator as it is (the
+    server keeps its own).
     """
 
     def __init__(
