@@ -13,10 +13,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from mask2former import rle
 from mask2former.data.catalog import DatasetMeta
 from mask2former.fileio import encode_png, id2rgb
-from mask2former.formats import instances_to_coco
 from mask2former.inference.predictor import Prediction
 from mask2former.results import InstanceResult, PanopticResult, SemanticResult
 from mask2former.writers import draw_prediction
@@ -67,33 +65,23 @@ def apply_threshold(prediction: Prediction, threshold: float) -> Prediction:
 
 def segments_json(prediction: Prediction, meta: DatasetMeta) -> list[dict]:
     """One dict per segment: id, class_id (contiguous), category_id (dataset id), class_name, isthing, score,
-    area, bbox [x, y, w, h] and mask (COCO RLE, {"size": [H, W], "counts": str})."""
+    area, bbox [x, y, w, h] and mask (COCO RLE, {"size": [H, W], "counts": str}). Masks, boxes and areas are
+    Prediction.to_coco's; ids are the panoptic segment ids, 1..N for instances, class index + 1 for the
+    classes of a semantic map (scored by semantic_class_scores)."""
     result = prediction.result
-    if isinstance(result, InstanceResult):
-        coco = instances_to_coco(result, image_id=0, category_ids=meta.category_ids)
-        areas = rle.area([c["segmentation"] for c in coco]) if coco else []
-        return [
-            _segment(meta, i + 1, int(c), entry["score"], int(area), entry["bbox"], entry["segmentation"])
-            for i, (c, entry, area) in enumerate(zip(result.classes, coco, areas, strict=True))
-        ]
+    classes = prediction.class_indices()
+    annotations = prediction.to_coco()
     if isinstance(result, PanopticResult):
-        id_map = np.asarray(result.id_map)
-        present = [s for s in result.segments if s.id >= 1 and s.area > 0]
-        items = [(s.id, s.category_id, s.score, id_map == s.id) for s in present]
+        ids = [int(segment.id) for segment in result.segments]
+    elif isinstance(result, InstanceResult):
+        ids = list(range(1, len(classes) + 1))
     else:
-        scores = semantic_class_scores(result)
-        class_map = np.asarray(result.class_map)
-        items = [(c + 1, c, scores[c], class_map == c) for c in sorted(scores)]
-    if not items:
-        return []
-    masks = np.stack([mask for *_, mask in items])
-    rles = rle.encode(masks)
-    boxes, areas = rle.to_bbox(rles), rle.area(rles)
+        class_scores = semantic_class_scores(result)
+        ids = [class_id + 1 for class_id in classes]
+        annotations = [{**a, "score": class_scores[c]} for a, c in zip(annotations, classes, strict=True)]
     return [
-        _segment(meta, segment_id, class_id, score, int(area), [float(v) for v in box], encoded)
-        for (segment_id, class_id, score, _), encoded, box, area in zip(
-            items, rles, boxes, areas, strict=True
-        )
+        _segment(meta, segment_id, class_id, a["score"], a["area"], a["bbox"], a["segmentation"])
+        for segment_id, class_id, a in zip(ids, classes, annotations, strict=True)
     ]
 
 
