@@ -78,3 +78,53 @@ def test_bad_counts_are_rejected():
         rle.decode({"size": [3, 3], "counts": [1, 2]})
     with pytest.raises(ValueError, match="truncated"):
         rle.decode({"size": [3, 3], "counts": "P"})  # 'P' = 32 + 48: continuation bit, then nothing
+
+
+def _accepted(counts: str, pixels: int) -> bool:
+    try:
+        rle.check({"size": [pixels, 1], "counts": counts})
+    except ValueError:
+        return False
+    return True
+
+
+def _mutated(rng: np.random.Generator, counts: str) -> str:
+    chars = list(counts)
+    kind = int(rng.integers(5))
+    if kind == 0 and chars:  # another character of the alphabet, or just outside it
+        chars[int(rng.integers(len(chars)))] = chr(int(rng.integers(46, 114)))
+    elif kind == 1:
+        chars.insert(int(rng.integers(len(chars) + 1)), chr(int(rng.integers(48, 112))))
+    elif kind == 2 and chars:
+        del chars[int(rng.integers(len(chars)))]
+    elif kind == 3 and len(chars) > 2:
+        i = int(rng.integers(len(chars) - 1))
+        chars[i], chars[i + 1] = chars[i + 1], chars[i]
+    else:  # continuation groups: a value over 32 bits, or a string that ends inside a value
+        chars += ["o"] * int(rng.integers(9)) + [chr(int(rng.integers(48, 112)))]
+    return "".join(chars)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_strings_valid_agrees_with_check_on_valid_and_broken_strings(monkeypatch, workers):
+    monkeypatch.setattr(rle, "_CHUNK_CHARACTERS", 200)  # many chunks, so chunk edges are crossed too
+    rng = np.random.default_rng(5)
+    cases = []
+    for _ in range(60):
+        h, w = int(rng.integers(1, 120)), int(rng.integers(1, 120))
+        counts = rle.encode(_random_masks(rng, 1, h, w))[0]["counts"]  # long runs: values of several groups
+        cases += [(counts, h * w), (_mutated(rng, counts), h * w), (counts, h * w + 1)]
+    verdicts = [_accepted(counts, pixels) for counts, pixels in cases]
+    assert 0 < sum(verdicts) < len(cases)
+    for (counts, pixels), verdict in zip(cases, verdicts, strict=True):
+        assert rle.strings_valid([counts], [pixels], workers) == verdict, counts
+    valid = [case for case, verdict in zip(cases, verdicts, strict=True) if verdict]
+    assert rle.strings_valid([c for c, _ in valid], [p for _, p in valid], workers)
+    for _ in range(40):
+        picked = rng.choice(len(cases), size=int(rng.integers(2, 30)))
+        expected = all(verdicts[i] for i in picked)
+        assert (
+            rle.strings_valid([cases[i][0] for i in picked], [cases[i][1] for i in picked], workers)
+            == expected
+        )
+    assert not rle.strings_valid([""], [0])  # empty: left to check (which accepts it for 0 pixels)

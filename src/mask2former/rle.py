@@ -85,6 +85,88 @@ def _string_to_counts(counts: str | bytes) -> np.ndarray:
     return out
 
 
+_CHUNK_CHARACTERS = 1 << 18  # compressed strings validated together per step (and thread) by `strings_valid`
+
+
+def strings_valid(strings: list[str], pixels: np.ndarray, workers: int = 1) -> bool:
+    """Whether every compressed counts string is one `check` accepts for an RLE of pixels[i] = H x W pixels
+    (ASCII in the compressed alphabet, no value over 32 bits, not truncated, counts non-negative, at most
+    H x W + 1 of them, adding up to H x W), decided in whole-array passes over chunks of ~256k characters,
+    on `workers` threads (numpy releases the GIL). False when any is not (or is empty): `check`
+    then names the problem. pixels: (N,) int."""
+    pixels = np.asarray(pixels, dtype=np.int64).reshape(-1)
+    ends = np.cumsum(np.fromiter(map(len, strings), dtype=np.int64, count=len(strings)))
+    if not ends.size:
+        return True
+    cuts = np.searchsorted(ends, np.arange(_CHUNK_CHARACTERS, int(ends[-1]), _CHUNK_CHARACTERS), side="right")
+    bounds = [int(b) for b in np.unique(np.concatenate([[0], cuts, [len(strings)]]))]
+    chunks = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def valid(chunk: tuple[int, int]) -> bool:
+        return _strings_valid(strings[chunk[0] : chunk[1]], pixels[chunk[0] : chunk[1]])
+
+    if workers <= 1 or len(chunks) == 1:
+        return all(map(valid, chunks))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return all(pool.map(valid, chunks))
+
+
+def _strings_valid(strings: list[str], pixels: np.ndarray) -> bool:
+    n = len(strings)
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
+    joined = "".join(strings)
+    if not lengths.all() or not joined.isascii():
+        return False
+    c = np.frombuffer(joined.encode("ascii"), dtype=np.uint8)
+    if c.min() < 48 or c.max() > 48 + 63:
+        return False
+    c = c - np.uint8(48)
+    more = c >= 0x20  # a group with the continuation bit: the value goes on in the next character
+    string_ends = np.cumsum(lengths) - 1
+    if more[string_ends].any():  # truncated: a value runs into the next string
+        return False
+    payload = (c & 0x1F).astype(np.int64)  # each character's 5 bits
+    last = np.flatnonzero(~more)  # the last group of each value
+    x = payload[last]
+    x = (x ^ 0x10) - 0x10  # the last group carries the sign
+    continued = np.flatnonzero(more)  # the other groups of values of several groups (a few percent)
+    if continued.size:
+        value = np.searchsorted(last, continued)  # the value each of them belongs to
+        value_first = np.zeros(last.size, dtype=np.int64)
+        value_first[1:] = last[:-1] + 1
+        size = last[value] - value_first[value] + 1
+        if size.max() > _MAX_GROUPS:  # a value over 32 bits
+            return False
+        multi = np.unique(value)
+        x[multi] <<= 5 * (last[multi] - value_first[multi])
+        np.add.at(x, value, payload[continued] << (5 * (continued - value_first[value])))
+    values_before = np.searchsorted(last, string_ends, side="right")  # values up to each string's end
+    counts = np.diff(values_before, prepend=0)  # values per string
+    if (counts > pixels + 1).any():
+        return False
+    string_first = values_before - counts
+    # Undo the delta coding: from position 1 on, a string's decoded value is the running sum of its values
+    # two positions apart (odd positions from 1, even ones from 2). Running sums along each global parity,
+    # from which every string takes off what came before its own start on that parity.
+    decoded = np.empty_like(x)
+    for parity in (0, 1):
+        part = x[parity::2]
+        if part.size == 0:
+            continue
+        sums = np.cumsum(part)  # sums[t]: values at global indices parity, parity + 2, ..., parity + 2t
+        first_kept = string_first + 1 + ((string_first + 1 - parity) & 1)  # position 1 or 2, this parity
+        kept_from = (first_kept - parity) // 2
+        taken = np.where(kept_from >= 1, sums[np.clip(kept_from - 1, 0, sums.size - 1)], 0)
+        per_string = (string_first + counts - parity + 1) // 2 - (string_first - parity + 1) // 2
+        decoded[parity::2] = sums - np.repeat(taken, per_string)
+    decoded[string_first] = x[string_first]
+    if decoded.min() < 0:
+        return False
+    return bool((np.add.reduceat(decoded, string_first) == pixels).all())
+
+
 def check(rle: object, size: tuple[int, int] | None = None) -> np.ndarray:
     """Validate one RLE dict before anything allocates from it -> its counts (M,) int64.
 
