@@ -10,8 +10,11 @@ on the same synthetic files, in one run; every statistic must be identical (asse
   hotcoco's panoptic.pq_compute; panopticapi's algorithm = its PNG reading (PIL + rgb2id) and
   pq_compute_single_core (bench_pq.pq_stats_panopticapi), on one process.
 - Mask AP: COCO instances + results with RLE masks (~10 ground-truth masks and ~30 detections per image,
-  10 categories, 5% crowds), in memory; "ours" is evaluation.instance.coco_mask_ap (input checks, then
-  hotcoco, or pycocotools as the fallback); the others are called directly (COCO, loadRes, COCOeval).
+  10 categories, 5% crowds), twice: in memory, "ours" being evaluation.instance.coco_mask_ap (input checks,
+  then hotcoco, or pycocotools as the fallback); and from the two JSON files, "ours" being
+  evaluation.files.evaluate_instance_files (what `mask2former eval --pred-json --gt-json` runs: the files'
+  checks, which decode every RLE string once, then the same). The others are called directly (COCO,
+  loadRes, COCOeval), on the dicts or on the file paths.
 - --coco-val adds a COCO-val-sized run: 5,000 images, tiled from the generated pool under new ids.
 Times are the minimum over --runs rounds, the implementations interleaved within each round. Each comparison
 ends with the issue's two targets: ours within 1.5x of hotcoco's wall time, >= 10x faster than the reference.
@@ -35,7 +38,7 @@ from bench_pq import pq_stats_panopticapi
 from eval_data import instance_data, write_panoptic_files
 from PIL import Image
 
-from mask2former.evaluation.files import evaluate_panoptic_files
+from mask2former.evaluation.files import evaluate_instance_files, evaluate_panoptic_files
 from mask2former.evaluation.instance import METRICS, coco_mask_ap
 from mask2former.evaluation.parallel import default_workers
 
@@ -94,6 +97,60 @@ def check_pq(ours: dict, others: dict, exact: bool) -> None:
             assert abs(ours[key + suffix] - 100 * others["hotcoco"][group][key.lower()]) < 1e-9, (group, key)
 
 
+def direct(make_coco, load, evaluator):
+    """A COCOeval run as its users call it: COCO, load the results, evaluate, accumulate, summarize."""
+
+    def run():
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_gt = make_coco()
+            coco_eval = evaluator(coco_gt, load(coco_gt), "segm")
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        return np.asarray(coco_eval.stats)[:6]
+
+    return run
+
+
+def ap_file_runners(gt_json: Path, results_json: Path) -> dict:
+    """name -> function returning the six mask AP figures, each reading the two JSON files itself: ours is
+    evaluation.files.evaluate_instance_files (what `mask2former eval --pred-json --gt-json` runs: the files'
+    checks, every RLE string decoded once, then hotcoco)."""
+
+    def ours(engine: str):
+        def run():
+            metrics = evaluate_instance_files(results_json, gt_json, engine=engine)
+            return np.array([metrics[m] for m in METRICS])
+
+        return run
+
+    runners = {"ours": ours("auto"), "ours, reference engine": ours("pycocotools")}
+    try:
+        import hotcoco
+
+        runners["hotcoco"] = direct(
+            lambda: hotcoco.COCO(str(gt_json)), lambda g: g.load_res(str(results_json)), hotcoco.COCOeval
+        )
+    except ImportError:
+        pass
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    runners["pycocotools"] = direct(
+        lambda: COCO(str(gt_json)), lambda g: g.loadRes(str(results_json)), COCOeval
+    )
+    try:
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+
+        runners["faster-coco-eval"] = direct(
+            lambda: FasterCOCO(str(gt_json)), lambda g: g.loadRes(str(results_json)), COCOeval_faster
+        )
+    except ImportError:
+        pass
+    return runners
+
+
 def ap_runners(gt: dict, results: list) -> dict:
     """name -> function returning COCOeval.stats (12,) for the mask AP comparison."""
 
@@ -101,18 +158,6 @@ def ap_runners(gt: dict, results: list) -> dict:
         def run():
             metrics = coco_mask_ap(gt, results, engine=engine)  # percent, NaN where COCOeval gives -1
             return np.array([metrics[m] for m in METRICS])
-
-        return run
-
-    def direct(make_coco, load, evaluator):
-        def run():
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco_gt = make_coco()
-                coco_eval = evaluator(coco_gt, load(coco_gt), "segm")
-                coco_eval.evaluate()
-                coco_eval.accumulate()
-                coco_eval.summarize()
-            return np.asarray(coco_eval.stats)[:6]
 
         return run
 
@@ -225,6 +270,22 @@ def bench_ap(images: int, height: int, width: int, runs: int, tile_to: int | Non
     seconds, outputs = best_of(ap_runners(gt, results), runs)
     reference = np.asarray(outputs["pycocotools"])[:6]
     percent = np.where(reference >= 0, 100 * reference, np.nan)
+    _check_ap(outputs, reference, percent)
+    title = (
+        f"{len(gt['images'])} images, {len(gt['annotations'])} ground-truth masks, {len(results)} "
+        f"detections (RLE); AP {percent[0]:.3f} identical in all"
+    )
+    report(f"mask AP, in memory: {title}", seconds, "pycocotools")
+    with tempfile.TemporaryDirectory(prefix="bench_eval_ap_") as folder:
+        gt_json, results_json = Path(folder) / "instances.json", Path(folder) / "results.json"
+        gt_json.write_text(json.dumps(gt))
+        results_json.write_text(json.dumps(results))
+        seconds, outputs = best_of(ap_file_runners(gt_json, results_json), runs)
+    _check_ap(outputs, reference, percent)
+    report(f"mask AP from files (eval --pred-json --gt-json): {title}", seconds, "pycocotools")
+
+
+def _check_ap(outputs: dict, reference: np.ndarray, percent: np.ndarray) -> None:
     for name, stats in outputs.items():
         if name.startswith("ours"):
             np.testing.assert_array_equal(stats, percent, err_msg=name)  # every digit
@@ -232,12 +293,6 @@ def bench_ap(images: int, height: int, width: int, runs: int, tile_to: int | Non
             np.testing.assert_allclose(stats, reference, rtol=1e-12, err_msg=name)
         else:
             np.testing.assert_array_equal(stats, reference, err_msg=name)
-    report(
-        f"mask AP: {len(gt['images'])} images, {len(gt['annotations'])} ground-truth masks, {len(results)} "
-        f"detections (RLE); AP {percent[0]:.3f} identical in all",
-        seconds,
-        "pycocotools",
-    )
 
 
 def _tile_instances(gt: dict, results: list, images: int) -> tuple[dict, list]:
