@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mask2former import fileio
+from mask2former import collector, fileio
 from mask2former.data import coco_checks
 from mask2former.evaluation import EvaluationError, panoptic_engine
 from mask2former.evaluation.instance import InstanceEvaluator
@@ -37,7 +37,7 @@ PathLike = str | os.PathLike
 def read_json(path: PathLike) -> Any:
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8") as file, collector.paused():  # no cycles among parsed objects
             return json.load(file)
     except FileNotFoundError:
         raise EvaluationError(f"{path}: no such file") from None
@@ -314,7 +314,11 @@ def evaluate_instance_files(
 
     engine: the COCOeval that runs, "auto" (hotcoco if installed, else pycocotools), "hotcoco" or
     "pycocotools"; the figures are the same."""
-    pred_json, gt_json = Path(pred_json), Path(gt_json)
+    with collector.paused():  # the checks and the engine's copies: 10^5 results make millions of objects
+        return _instance_files(Path(pred_json), Path(gt_json), verbose, engine)
+
+
+def _instance_files(pred_json: Path, gt_json: Path, verbose: bool, engine: str) -> dict:
     gt = read_json(gt_json)
     if not isinstance(gt, dict):
         raise EvaluationError(f"{gt_json}: expected a COCO instances object")

@@ -10,7 +10,6 @@ The engine is imported on first use, so the rest of the package works without it
 
 from __future__ import annotations
 
-import gc
 import operator
 from collections.abc import Hashable, Mapping, Sequence
 from itertools import chain, repeat
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mask2former import rle
+from mask2former import collector, rle
 from mask2former.evaluation import EvaluationError, coco_engine
 
 if TYPE_CHECKING:
@@ -143,9 +142,7 @@ class InstanceEvaluator:
             return list(results)
         # Two dicts per result (the size list is shared per image: nothing writes into it), built with the
         # cyclic garbage collector paused: 10^5 new containers would otherwise set it walking the heap.
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with collector.paused():
             return [
                 {
                     "image_id": image_id,
@@ -157,9 +154,6 @@ class InstanceEvaluator:
                     image_ids, category_ids, segmentations, scores, strict=True
                 )
             ]
-        finally:
-            if was_enabled:
-                gc.enable()
 
     def _checked_one_by_one(self, results: Sequence[Any]) -> list[dict]:
         checked = []
