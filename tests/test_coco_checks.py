@@ -72,17 +72,6 @@ def test_plain_results_pass_both_ways():
     coco_checks.check_results(results, PATH, SIZES, CATEGORIES)
 
 
-@pytest.mark.parametrize("case", list(RESULT_BREAKS))
-def test_broken_results_fail_the_whole_list_pass_and_the_loop_names_them(case):
-    results = copy.deepcopy(_results())
-    breaking, message = RESULT_BREAKS[case]
-    breaking(results)
-    assert not coco_checks._plain_results(results, SIZES, CATEGORIES)
-    with pytest.raises(coco_checks.CocoFormatError, match="results.json: ") as caught:
-        coco_checks.check_results(results, PATH, SIZES, CATEGORIES)
-    assert message in str(caught.value)
-
-
 ANNOTATION_BREAKS = {
     "duplicate id": (lambda a: a[3].update(id=1), "annotation id 1 appears twice"),
     "crowd 2": (lambda a: a[2].update(iscrowd=2), "'iscrowd' must be 0 or 1"),
@@ -102,12 +91,26 @@ def test_plain_annotations_pass_both_ways():
     coco_checks.check_instance_annotations(annotations, PATH, SIZES, CATEGORIES)
 
 
-@pytest.mark.parametrize("case", list(ANNOTATION_BREAKS))
-def test_broken_annotations_fail_the_whole_list_pass_and_the_loop_names_them(case):
-    annotations = copy.deepcopy(_annotations())
-    breaking, message = ANNOTATION_BREAKS[case]
-    breaking(annotations)
-    assert not coco_checks._plain_instance_annotations(annotations, SIZES, CATEGORIES)
+CHECKS = {
+    "results": (_results, RESULT_BREAKS, coco_checks._plain_results, coco_checks.check_results),
+    "annotations": (
+        _annotations,
+        ANNOTATION_BREAKS,
+        coco_checks._plain_instance_annotations,
+        coco_checks.check_instance_annotations,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "case"), [(kind, case) for kind, check in CHECKS.items() for case in check[1]]
+)
+def test_broken_items_fail_the_whole_list_pass_and_the_loop_names_them(kind, case):
+    make, breaks, plain, check = CHECKS[kind]
+    items = copy.deepcopy(make())
+    breaking, message = breaks[case]
+    breaking(items)
+    assert not plain(items, SIZES, CATEGORIES)
     with pytest.raises(coco_checks.CocoFormatError, match="results.json: ") as caught:
-        coco_checks.check_instance_annotations(annotations, PATH, SIZES, CATEGORIES)
+        check(items, PATH, SIZES, CATEGORIES)
     assert message in str(caught.value)

@@ -238,16 +238,22 @@ def check_results(results: Any, path: Path, sizes: Mapping, category_ids: set) -
 # then names the first problem (or accepts what only the loop's rules allow, such as tuple sizes).
 
 
-def _plain_results(results: list, sizes: Mapping, category_ids: set) -> bool:
-    if not results or set(map(type, results)) != {dict}:
-        return False
+def plain_fields(items: Any, keys: tuple[str, ...]) -> list[list] | None:
+    """[[item[key] for item in items] for key in keys] when items is a non-empty list of plain dicts that all
+    have those keys, in map passes; else None."""
+    if not isinstance(items, list) or not items or set(map(type, items)) != {dict}:
+        return None
     try:
-        image_ids = list(map(operator.itemgetter("image_id"), results))
-        categories = list(map(operator.itemgetter("category_id"), results))
-        scores = list(map(operator.itemgetter("score"), results))
-        segmentations = list(map(operator.itemgetter("segmentation"), results))
+        return [list(map(operator.itemgetter(key), items)) for key in keys]
     except KeyError:
+        return None
+
+
+def _plain_results(results: list, sizes: Mapping, category_ids: set) -> bool:
+    fields = plain_fields(results, ("image_id", "category_id", "score", "segmentation"))
+    if fields is None:
         return False
+    image_ids, categories, scores, segmentations = fields
     if not (set(map(type, image_ids)) <= {int, str} and set(image_ids) <= sizes.keys()):
         return False
     if set(map(type, categories)) != {int} or not set(categories) <= category_ids:
@@ -258,14 +264,10 @@ def _plain_results(results: list, sizes: Mapping, category_ids: set) -> bool:
 
 
 def _plain_instance_annotations(annotations: list, sizes: Mapping, category_ids: set) -> bool:
-    if not annotations or set(map(type, annotations)) != {dict}:
+    fields = plain_fields(annotations, ("image_id", "category_id", "segmentation"))
+    if fields is None:
         return False
-    try:
-        image_ids = list(map(operator.itemgetter("image_id"), annotations))
-        categories = list(map(operator.itemgetter("category_id"), annotations))
-        segmentations = list(map(operator.itemgetter("segmentation"), annotations))
-    except KeyError:
-        return False
+    image_ids, categories, segmentations = fields
     ids = [a["id"] for a in annotations if "id" in a]
     if not set(map(type, ids)) <= {int, str} or len(set(ids)) != len(ids):
         return False

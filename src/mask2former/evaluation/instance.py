@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mask2former import collector, rle
+from mask2former.data import coco_checks
 from mask2former.evaluation import EvaluationError, coco_engine
 
 if TYPE_CHECKING:
@@ -113,16 +114,14 @@ class InstanceEvaluator:
         None when any result needs the general path. Results already in that form (those four keys, float
         scores, a {size, counts} RLE) are kept as they are, not copied: the engines only read them."""
         # Whole-list checks through map/set (C loops): 10^5 results cost ~0.1 s in a Python generator.
-        if set(map(type, results)) != {dict}:
+        fields = coco_checks.plain_fields(list(results), ("image_id", "category_id", "score", "segmentation"))
+        if fields is None:
             return None
+        image_ids, category_ids, scores, segmentations = fields
         try:
-            image_ids = list(map(operator.itemgetter("image_id"), results))
-            category_ids = list(map(operator.itemgetter("category_id"), results))
-            scores = list(map(operator.itemgetter("score"), results))
-            segmentations = list(map(operator.itemgetter("segmentation"), results))
             if not (set(image_ids) <= self.sizes.keys() and set(category_ids) <= self.category_ids):
                 return None
-        except (KeyError, TypeError):  # a key missing, an unhashable id
+        except TypeError:  # an unhashable id
             return None
         sizes = {image_id: [height, width] for image_id, (height, width) in self.sizes.items()}
         score_types = set(map(type, scores))
