@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mask2former import fileio, rle
+from mask2former import collector, fileio, rle
 from mask2former.data import coco_checks
 from mask2former.data.catalog import DatasetMeta
 from mask2former.data.image_io import IMAGE_EXTENSIONS, ImageReadError, load_image
@@ -40,7 +40,8 @@ class DatasetError(ValueError):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        with collector.paused():  # COCO train's 10^6 annotations: no collections while they are parsed
+            return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
