@@ -75,6 +75,7 @@ def test_plain_results_pass_both_ways():
 ANNOTATION_BREAKS = {
     "duplicate id": (lambda a: a[3].update(id=1), "annotation id 1 appears twice"),
     "crowd 2": (lambda a: a[2].update(iscrowd=2), "'iscrowd' must be 0 or 1"),
+    "crowd as a list": (lambda a: a[2].update(iscrowd=[1]), "'iscrowd' must be 0 or 1"),
     "infinite area": (lambda a: a[2].update(area=float("inf")), "'area' must be a finite number"),
     "odd polygon": (lambda a: a[0]["segmentation"][1].pop(), "a polygon must list x, y pairs"),
     "nan polygon": (lambda a: a[0]["segmentation"][0].__setitem__(2, float("nan")), "finite numbers"),

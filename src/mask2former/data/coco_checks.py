@@ -275,7 +275,8 @@ def _plain_instance_annotations(annotations: list, sizes: Mapping, category_ids:
         return False
     if set(map(type, categories)) != {int} or not set(categories) <= category_ids:
         return False
-    if not set(map(dict.get, annotations, repeat("iscrowd"), repeat(0))) <= {0, 1}:
+    crowd = list(map(dict.get, annotations, repeat("iscrowd"), repeat(0)))
+    if not set(map(type, crowd)) <= {int, bool, float} or not set(crowd) <= {0, 1}:  # as `in (0, 1)`
         return False
     areas = [a["area"] for a in annotations if "area" in a]
     if not (set(map(type, areas)) <= {int, float} and _finite(areas)):
