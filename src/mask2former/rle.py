@@ -95,7 +95,8 @@ def strings_valid(strings: list[str], pixels: np.ndarray, workers: int = 1) -> b
     on `workers` threads (numpy releases the GIL). False when any is not (or is empty): `check`
     then names the problem. pixels: (N,) int."""
     pixels = np.asarray(pixels, dtype=np.int64).reshape(-1)
-    ends = np.cumsum(np.fromiter(map(len, strings), dtype=np.int64, count=len(strings)))
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+    ends = np.cumsum(lengths)
     if not ends.size:
         return True
     cuts = np.searchsorted(ends, np.arange(_CHUNK_CHARACTERS, int(ends[-1]), _CHUNK_CHARACTERS), side="right")
@@ -103,7 +104,8 @@ def strings_valid(strings: list[str], pixels: np.ndarray, workers: int = 1) -> b
     chunks = list(zip(bounds[:-1], bounds[1:], strict=True))
 
     def valid(chunk: tuple[int, int]) -> bool:
-        return _strings_valid(strings[chunk[0] : chunk[1]], pixels[chunk[0] : chunk[1]])
+        start, stop = chunk
+        return _strings_valid(strings[start:stop], lengths[start:stop], pixels[start:stop])
 
     if workers <= 1 or len(chunks) == 1:
         return all(map(valid, chunks))
@@ -113,9 +115,7 @@ def strings_valid(strings: list[str], pixels: np.ndarray, workers: int = 1) -> b
         return all(pool.map(valid, chunks))
 
 
-def _strings_valid(strings: list[str], pixels: np.ndarray) -> bool:
-    n = len(strings)
-    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
+def _strings_valid(strings: list[str], lengths: np.ndarray, pixels: np.ndarray) -> bool:
     joined = "".join(strings)
     if not lengths.all() or not joined.isascii():
         return False
