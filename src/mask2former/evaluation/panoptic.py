@@ -340,7 +340,7 @@ class PanopticEvaluator:
         self.images += other.images
 
     def add_totals(self, totals: Mapping[int, Sequence], images: int) -> None:
-        """Add statistics another engine computed over `images` images (hotcoco, panoptic_hotcoco.py):
+        """Add statistics another engine computed over `images` images (hotcoco, panoptic_engine.py):
         {category id: (tp, fp, fn, IoU sum)}; a category left out adds nothing, an unknown one raises."""
         position = {int(category_id): i for i, category_id in enumerate(self.category_ids)}
         for category_id, (tp, fp, fn, iou) in totals.items():
